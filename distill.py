@@ -1,0 +1,1 @@
+"""distill.py: see README (work in progress)."""

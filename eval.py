@@ -1,0 +1,1 @@
+"""eval.py: see README (work in progress)."""

@@ -1,0 +1,1 @@
+"""federated.py: see README (work in progress)."""

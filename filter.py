@@ -1,0 +1,1 @@
+"""filter.py: see README (work in progress)."""

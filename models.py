@@ -1,0 +1,1 @@
+"""models.py: see README (work in progress)."""
