@@ -1,4 +1,18 @@
-"""data.py: GSM8K-style reasoning data (work in progress; generator and splits follow)."""
+"""data.py: GSM8K-style reasoning data for LaDa (spec §1, §6).
+
+- a seeded generator of multi-step word problems in five domains, with solutions written as GSM8K
+  writes them (one step a line, `<<a*b=c>>` calculator annotations, last line `#### N`);
+- the federated splits: a public pool mixing all domains, per-client private sets with a
+  Dirichlet(alpha) domain mix (non-IID), per-party validation and test sets;
+- loaders for real files: GSM8K JSONL (`question`/`answer`) and MathInstruct-style JSON/JSONL
+  (`instruction`/`output`).
+"""
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
 
 PROMPT = "Question: {question}\nAnswer:\n"  # a path y is the text that follows the prompt; EOS ends it
 
@@ -6,3 +20,255 @@ PROMPT = "Question: {question}\nAnswer:\n"  # a path y is the text that follows 
 def format_prompt(question: str) -> str:
     """The prompt every model sees before a reasoning path (same for all tokenizers)."""
     return PROMPT.format(question=question.strip())
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message names the file and line."""
+
+
+# -----------------------------------------------------------------------------
+# Generator. A problem is a chain: a start quantity v, then steps that each combine v with a new
+# number (add, sub, mul, div, percent, or a two-line "k items at c each" purchase). Every step has
+# several phrasings for the question and for the solution line.
+
+NAMES = ["Ava", "Ben", "Carla", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jamal", "Kai",
+         "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Victor"]
+
+# each domain: start sentences, the unit (prefix, suffix) of v in solution lines, the question, and per op a
+# list of question phrasings; {P} is the person, {b}/{k}/{c} the step's numbers, {x} a thing
+DOMAINS = {
+    "shopping": dict(
+        start=["{P} has ${a}.", "{P} starts the week with ${a} in savings.", "{P} brings ${a} to the mall."],
+        unit=("$", ""),
+        ask=["How many dollars does {P} have now?", "How much money, in dollars, does {P} have at the end?"],
+        things=["a book", "a scarf", "lunch", "a game", "shoes", "a lamp", "paint", "a ticket"],
+        items=["notebooks", "pens", "apples", "candles", "stickers", "mugs"],
+        add=["{P} earns ${b} from a weekend job.", "{P} gets ${b} as a gift.", "Then {P} sells an old bike for ${b}."],
+        sub=["{P} spends ${b} on {x}.", "{P} pays ${b} for {x}.", "Then {P} buys {x} for ${b}."],
+        mul=["{P} invests it and the money grows to {b} times as much.", "A contest multiplies {P}'s money by {b}."],
+        div=["{P} splits the money equally into {b} envelopes and keeps one envelope.",
+             "{P} shares it equally with friends so that each of {b} people gets the same, and keeps one share."],
+        pct=["{P} spends {p}% of the money on rent."],
+        buy=["{P} buys {k} {xs} that cost ${c} each.", "{P} orders {k} {xs} at ${c} apiece."],
+    ),
+    "rates": dict(
+        start=["A machine makes {a} parts in the first hour.", "A bakery bakes {a} loaves by noon.",
+               "A printer prints {a} pages before lunch."],
+        unit=("", ""),
+        ask=["How many items are there in total now?", "How many items are left at the end?"],
+        things=["a box", "a crate", "an order"], items=["boxes", "crates", "orders"],
+        add=["In the next hour it makes {b} more.", "A second shift adds {b} more."],
+        sub=["Then {b} of them are found broken and thrown away.", "A customer takes {b} of them."],
+        mul=["Running {b} times as long gives {b} times as many.", "With {b} identical machines the output is {b} times larger."],
+        div=["They are packed equally into {b} crates, and one crate is kept.",
+             "The output is shared equally among {b} shops, and one shop's share is counted."],
+        pct=["{p}% of them are shipped away."],
+        buy=["Then {k} {xs} of {c} items each are sent out.", "Then {k} {xs} holding {c} items each leave the shop."],
+    ),
+    "percent": dict(
+        start=["A school has {a} students.", "A library owns {a} books.", "A farm has {a} chickens."],
+        unit=("", ""),
+        ask=["How many are there now?", "What is the final count?"],
+        things=["a group", "a batch"], items=["groups", "batches"],
+        add=["Then {b} more arrive.", "Later {b} new ones are added."],
+        sub=["Then {b} leave.", "Then {b} are given away."],
+        mul=["Over the years the number becomes {b} times as large.", "The number is multiplied by {b}."],
+        div=["Only one out of every {b} of them stays.", "Exactly 1/{b} of them stay."],
+        pct=["Then {p}% of them leave.", "{p}% of them are moved elsewhere."],
+        buy=["Then {k} {xs} of {c} each leave.", "Then {k} {xs} with {c} in each are removed."],
+    ),
+    "geometry": dict(
+        start=["A rope is {a} meters long.", "A fence is {a} meters long.", "A garden path is {a} meters long."],
+        unit=("", " meters"),
+        ask=["How many meters long is it now?", "What is the final length in meters?"],
+        things=["a piece", "a section"], items=["pieces", "sections"],
+        add=["Then {b} meters are added to it.", "It is extended by {b} meters."],
+        sub=["Then {b} meters are cut off.", "{b} meters are removed."],
+        mul=["It is replaced by one {b} times as long.", "The length is multiplied by {b}."],
+        div=["It is cut into {b} equal parts and one part is kept.", "It is folded into {b} equal parts and one part is used."],
+        pct=["{p}% of the length is cut away."],
+        buy=["Then {k} {xs} of {c} meters each are cut off.", "Then {k} {xs}, each {c} meters long, are removed."],
+    ),
+    "time": dict(
+        start=["{P} reads for {a} minutes on Monday.", "{P} practices piano for {a} minutes.",
+               "{P} trains for {a} minutes in the morning."],
+        unit=("", " minutes"),
+        ask=["How many minutes is that in the end?", "How many minutes does it come to?"],
+        things=["a session", "a break"], items=["sessions", "breaks"],
+        add=["Then {P} adds {b} more minutes.", "{P} spends another {b} minutes."],
+        sub=["{P} skips {b} minutes of it.", "{b} minutes are lost to a phone call."],
+        mul=["Over the week {P} does {b} times as much.", "The next month {P} spends {b} times that long."],
+        div=["{P} spreads it equally over {b} days and counts one day.", "It is split equally into {b} blocks; count one block."],
+        pct=["{P} cuts {p}% of the time."],
+        buy=["{P} then drops {k} {xs} of {c} minutes each.", "{k} {xs} of {c} minutes each are cancelled."],
+    ),
+}
+DOMAIN_NAMES = list(DOMAINS)
+
+# solution lines, one per step; {s} the subject word for v
+SOLUTION = {
+    "add": ["{s} {v} + {b} = {pre}<<{v}+{b}={r}>>{r}{suf}.", "After adding, {v} + {b} = {pre}<<{v}+{b}={r}>>{r}{suf}."],
+    "sub": ["{s} {v} - {b} = {pre}<<{v}-{b}={r}>>{r}{suf}.", "After removing, {v} - {b} = {pre}<<{v}-{b}={r}>>{r}{suf}."],
+    "mul": ["{s} {v} * {b} = {pre}<<{v}*{b}={r}>>{r}{suf}.", "Multiplying, {v} * {b} = {pre}<<{v}*{b}={r}>>{r}{suf}."],
+    "div": ["{s} {v} / {b} = {pre}<<{v}/{b}={r}>>{r}{suf}.", "One share is {v} / {b} = {pre}<<{v}/{b}={r}>>{r}{suf}."],
+    "pct_part": ["{p}% of {v} is {v} * {p} / 100 = {pre}<<{v}*{p}/100={c}>>{c}."],
+    "buy_part": ["{k} {xs} make {k} * {c} = <<{k}*{c}={m}>>{m}."],
+}
+SUBJECT = ["That leaves", "Now there is", "The total is"]
+
+
+def _step(rng, dom, op, v, max_value):
+    """One step on v. Returns (question sentence template args, solution lines, new v) or None."""
+    if op == "add":
+        b = rng.randint(2, max_value // 2)
+        return dict(b=b), [("add", dict(b=b, r=v + b))], v + b
+    if op == "sub":
+        if v < 4:
+            return None
+        b = rng.randint(1, v - 1)
+        return dict(b=b), [("sub", dict(b=b, r=v - b))], v - b
+    if op == "mul":
+        b = rng.randint(2, 5)
+        if v * b > 20 * max_value:
+            return None
+        return dict(b=b), [("mul", dict(b=b, r=v * b))], v * b
+    if op == "div":
+        divs = [d for d in range(2, 11) if v % d == 0]
+        if not divs:
+            return None
+        b = rng.choice(divs)
+        return dict(b=b), [("div", dict(b=b, r=v // b))], v // b
+    if op == "pct":
+        ps = [p for p in (10, 20, 25, 50, 75) if v * p % 100 == 0]
+        if not ps:
+            return None
+        p = rng.choice(ps)
+        c = v * p // 100
+        return dict(p=p), [("pct_part", dict(p=p, c=c)), ("sub", dict(b=c, r=v - c))], v - c
+    if op == "buy":
+        k, c = rng.randint(2, 9), rng.randint(2, 12)
+        if k * c >= v:
+            return None
+        xs = rng.choice(dom["items"])
+        return dict(k=k, c=c, xs=xs), [("buy_part", dict(k=k, c=c, m=k * c, xs=xs)), ("sub", dict(b=k * c, r=v - k * c))], v - k * c
+    raise ValueError(op)
+
+
+def make_problem(rng: random.Random, domain: str, steps: int, max_value: int = 100) -> dict:
+    """One problem with `steps` solution lines (a two-line step counts two). Deterministic in rng."""
+    dom = DOMAINS[domain]
+    P = rng.choice(NAMES)
+    v = rng.randint(max(10, max_value // 5), max_value)
+    sentences = [rng.choice(dom["start"]).format(P=P, a=v)]
+    lines = []
+    while len(lines) < steps:
+        ops = ["add", "sub", "mul", "div", "pct", "buy"]
+        if steps - len(lines) < 2:
+            ops = ops[:4]  # two-line steps only where they fit
+        got = None
+        while got is None:
+            op = rng.choice(ops)
+            got = _step(rng, dom, op, v, max_value)
+        args, sol, v_new = got
+        sentences.append(rng.choice(dom[op]).format(P=P, x=rng.choice(dom["things"]), **args))
+        for kind, a in sol:
+            pre, suf = dom["unit"]
+            lines.append(rng.choice(SOLUTION[kind]).format(s=rng.choice(SUBJECT), v=v, pre=pre, suf=suf, **a))
+        v = v_new
+    sentences.append(rng.choice(dom["ask"]).format(P=P))
+    answer = "\n".join(lines) + f"\n#### {v}"
+    return {"question": " ".join(sentences), "answer": answer, "domain": domain}
+
+
+def generate(n: int, seed: int, domains=None, domain_probs=None, steps=(2, 5), max_value=100) -> list[dict]:
+    """n problems; each picks a domain (by domain_probs) and a step count in [steps[0], steps[1]]."""
+    rng = random.Random(seed)
+    domains = list(domains or DOMAIN_NAMES)
+    out = []
+    for _ in range(n):
+        d = rng.choices(domains, weights=domain_probs)[0]
+        out.append(make_problem(rng, d, rng.randint(*steps), max_value))
+    return out
+
+
+def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_val: int,
+                n_general: int = 0, alpha: float = 0.5, seed: int = 0, steps=(2, 5), max_value=100) -> dict:
+    """The federated splits of spec §1 on generated data.
+
+    public/public_val/public_test mix all domains uniformly (the server's data); client k's
+    private/val/test sets all follow one domain mix p_k ~ Dirichlet(alpha) (non-IID); `general`
+    is extra all-domain data for the LLM's warm-up only.
+    """
+    rs = np.random.default_rng(seed)
+    gen = lambda n, s, probs=None: generate(n, s, domain_probs=probs, steps=steps, max_value=max_value)
+    splits = {"public": gen(n_public, seed * 1000 + 1), "public_val": gen(n_val, seed * 1000 + 2),
+              "public_test": gen(n_test, seed * 1000 + 3), "general": gen(n_general, seed * 1000 + 4),
+              "clients": []}
+    for k in range(num_clients):
+        p = rs.dirichlet([alpha] * len(DOMAIN_NAMES)).tolist()
+        base = seed * 1000 + 100 * (k + 1)
+        splits["clients"].append({"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": gen(n_private, base, p),
+                                  "val": gen(n_val, base + 1, p), "test": gen(n_test, base + 2, p)})
+    return splits
+
+
+# -----------------------------------------------------------------------------
+# Loaders for real files
+
+def _read_records(path: Path):
+    """Yield (line_number, dict) from a JSONL file or a JSON list; DataError names file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        yield from ((i + 1, r) for i, r in enumerate(rows))  # "line" = 1-based record number here
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+
+
+def _load(path, qkey: str, akey: str) -> list[dict]:
+    path = Path(path)
+    out = []
+    for i, r in _read_records(path):
+        if not isinstance(r, dict) or not isinstance(r.get(qkey), str) or not isinstance(r.get(akey), str):
+            raise DataError(f"{path}:{i}: expected an object with string fields '{qkey}' and '{akey}'")
+        out.append({"question": r[qkey], "answer": r[akey]})
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def load_gsm8k(path) -> list[dict]:
+    """GSM8K JSONL: {"question": ..., "answer": "...\\n#### N"} per line."""
+    return _load(path, "question", "answer")
+
+
+def load_mathinstruct(path) -> list[dict]:
+    """MathInstruct-style JSON list or JSONL: {"instruction": ..., "output": ...}."""
+    return _load(path, "instruction", "output")
+
+
+LOADERS = {"gsm8k": load_gsm8k, "mathinstruct": load_mathinstruct}
+
+
+def load_dataset(spec: str) -> list[dict]:
+    """'gsm8k:PATH' or 'mathinstruct:PATH' -> list of {"question", "answer"}."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in LOADERS or not path:
+        raise DataError(f"bad data spec '{spec}': expected one of {', '.join(k + ':PATH' for k in LOADERS)}")
+    return LOADERS[kind](path)
+
+
+def gold_answer(answer: str) -> str:
+    """The number after '####' in a GSM8K answer field (commas removed)."""
+    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
