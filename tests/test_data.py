@@ -1,0 +1,101 @@
+"""data.py: the generator (answers re-derived from the steps), the splits, the loaders and their errors."""
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import data
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+ANNOT = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
+
+
+def test_generated_solutions_recompute():
+    probs = data.generate(600, seed=3, steps=(2, 5), max_value=100)
+    assert {p["domain"] for p in probs} == set(data.DOMAIN_NAMES)
+    for p in probs:
+        lines = p["answer"].split("\n")
+        assert lines[-1].startswith("#### ")
+        steps = lines[:-1]
+        assert 2 <= len(steps) <= 5
+        last = None
+        for line in steps:
+            (expr, res), = ANNOT.findall(line)  # exactly one calculator annotation per step
+            assert eval(expr, {}) == int(res)  # the annotation's arithmetic is right
+            assert int(res) >= 0
+            for n in re.findall(r"\d+", expr)[1:]:  # every new operand is stated somewhere earlier
+                assert n in p["question"] or n in "\n".join(steps)
+            last = int(res)
+        assert int(lines[-1][5:]) == last == int(data.gold_answer(p["answer"]))
+
+
+def test_generator_is_seeded_and_has_difficulty_knob():
+    assert data.generate(50, seed=1) == data.generate(50, seed=1)
+    assert data.generate(50, seed=1) != data.generate(50, seed=2)
+    short = data.generate(200, seed=0, steps=(2, 2))
+    long = data.generate(200, seed=0, steps=(5, 5))
+    assert all(len(p["answer"].split("\n")) == 3 for p in short)
+    assert all(len(p["answer"].split("\n")) == 6 for p in long)
+    big = data.generate(200, seed=0, max_value=1000)
+    start = lambda p: int(re.search(r"\d+", p["question"]).group())
+    assert max(map(start, big)) > 100 >= max(map(start, data.generate(200, seed=0, max_value=100)))
+
+
+def test_splits_are_non_iid_and_disjoint():
+    s = data.make_splits(num_clients=3, n_public=300, n_private=400, n_test=100, n_val=50, n_general=50,
+                         alpha=0.3, seed=0)
+    assert len(s["public"]) == 300 and len(s["public_test"]) == 100 and len(s["clients"]) == 3
+    pub = {p["question"] for p in s["public"]}
+    assert len(pub & {p["question"] for p in s["public_test"]}) <= 2  # independent draws, collisions rare
+    mixes = []
+    for c in s["clients"]:
+        assert len(c["private"]) == 400 and len(c["test"]) == 100 and len(c["val"]) == 50
+        freq = Counter(p["domain"] for p in c["private"])
+        emp = [freq[d] / 400 for d in data.DOMAIN_NAMES]
+        for e, p in zip(emp, c["domain_mix"].values()):  # empirical mix follows the Dirichlet draw
+            assert abs(e - p) < 0.1
+        mixes.append(emp)
+    # non-IID: the clients' mixes differ clearly from each other and from uniform
+    assert max(abs(a - b) for a, b in zip(mixes[0], mixes[1])) > 0.15
+    tv_from_uniform = [0.5 * sum(abs(x - 1 / len(m)) for x in m) for m in mixes]
+    assert min(tv_from_uniform) > 0.15
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared GSM8K data not beside the repo")
+def test_real_gsm8k_loads():
+    train = data.load_gsm8k(SHARED / "train.jsonl")
+    test = data.load_dataset(f"gsm8k:{SHARED / 'test.jsonl'}")
+    assert (len(train), len(test)) == (7473, 1319)
+    assert train[0]["question"].startswith("Natalia sold clips") and data.gold_answer(train[0]["answer"]) == "72"
+
+
+def test_loader_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{not json\n")
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: invalid JSON"):
+        data.load_gsm8k(f)
+    f.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(data.DataError, match=r"bad.jsonl:3: expected an object"):
+        data.load_gsm8k(f)
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_gsm8k(tmp_path / "missing.jsonl")
+    with pytest.raises(data.DataError, match="bad data spec"):
+        data.load_dataset("csv:whatever")
+    e = tmp_path / "empty.jsonl"
+    e.write_text("\n")
+    with pytest.raises(data.DataError, match="no records"):
+        data.load_gsm8k(e)
+
+
+def test_mathinstruct_json_and_jsonl(tmp_path):
+    rows = [{"instruction": "What is 2+3?", "output": "2+3=5\nThe answer is 5"}, {"instruction": "1+1?", "output": "2"}]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("m.json", "m.jsonl"):
+        got = data.load_dataset(f"mathinstruct:{tmp_path / name}")
+        assert got == [{"question": r["instruction"], "answer": r["output"]} for r in rows]
+    (tmp_path / "bad.json").write_text('[{"instruction": "x", "output": 3}]')
+    with pytest.raises(data.DataError, match=r"bad.json:1: expected an object"):
+        data.load_mathinstruct(tmp_path / "bad.json")

@@ -1,0 +1,92 @@
+"""models.py: tokenizer round trips, the zoo, save/load, the fused-kernel accessor, warm-up."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import data
+import models
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(400, seed=0)]
+
+
+@pytest.mark.parametrize("kind,vocab", [("char", None), ("bpe", 300), ("bpe", 600)])
+def test_tokenizer_round_trip_and_reload(tmp_path, corpus, kind, vocab):
+    tok = models.build_tokenizer(kind, corpus, vocab, path=tmp_path)
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    held_out = [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(50, seed=99)]
+    for s in held_out:
+        ids = tok(s, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == s
+        assert again(s, add_special_tokens=False).input_ids == ids
+    assert tok.pad_token_id != tok.eos_token_id and tok.eos_token == "<eos>"
+    if kind == "char":
+        assert len(tok(held_out[0], add_special_tokens=False).input_ids) == len(held_out[0])
+    else:
+        assert len(tok) == vocab
+        assert tok.tokenize("1234") == ["1", "2", "3", "4"]  # digits one per token
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="shared GSM8K data not beside the repo")
+def test_bpe_round_trips_real_gsm8k(corpus):
+    tok = models.build_tokenizer("bpe", corpus, 400)
+    rows = [json.loads(l) for l in (SHARED / "test.jsonl").read_text().splitlines()[:300]]
+    for r in rows:  # byte-level: exact even for characters never seen in training (’, €)
+        for s in (r["question"], r["answer"]):
+            assert tok.decode(tok(s, add_special_tokens=False).input_ids) == s
+
+
+def test_zoo_spans_8x_and_all_families(corpus):
+    tok = models.build_tokenizer("bpe", corpus, 512)
+    n = {name: models.n_params(models.build_model(tokenizer=tok, **spec)) for name, spec in models.ZOO.items()
+         if "tiny" not in name}
+    assert n["llama-26m"] / n["llama-1m"] >= 8 and n["llama-cpu-l"] / n["llama-cpu-s"] >= 8
+    assert {s["arch"] for s in models.ZOO.values()} == {"llama", "qwen2", "gpt2"}
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny", "gpt2-tiny"])
+def test_save_load_and_hidden_head(tmp_path, corpus, name):
+    tok = models.build_tokenizer("char", corpus)
+    model = models.build_model(tokenizer=tok, seed=1, **models.ZOO[name]).eval()
+    ids = torch.tensor([tok("Question: 12 + 5\n", add_special_tokens=False).input_ids])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        h, w = models.hidden_and_head(model, ids, mask)
+    assert h.shape == (1, ids.shape[1], model.config.hidden_size) and w.shape == (len(tok), h.shape[-1])
+    torch.testing.assert_close(h @ w.T, logits, rtol=1e-5, atol=1e-5)  # hidden is after the final norm
+    models.save_model(model, tok, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    again, tok2 = models.load_model(tmp_path / "ckpt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, logits)
+    assert tok2("12 + 5", add_special_tokens=False).input_ids == tok("12 + 5", add_special_tokens=False).input_ids
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(models.ModelError, match="not a model directory"):
+        models.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelError, match="cannot load model"):
+        models.load_model(tmp_path)
+
+
+def test_warm_up_learns_and_caches(tmp_path, corpus):
+    train = data.generate(200, seed=5, steps=(2, 2), max_value=30)
+    warm = dict(steps=60, batch_size=16, lr=3e-3)
+    model, tok, info = models.build_party("slm", "llama-tiny", ("char",), corpus, train, warm, tmp_path)
+    assert not info["cached"] and info["params"] == models.n_params(model)
+    first = models.warm_up(models.build_model(tokenizer=tok, **models.ZOO["llama-tiny"]), tok, train, steps=1)
+    assert info["warm_loss"] < 0.75 * first  # 60 steps lower the per-token NLL well below the start
+    again, _, info2 = models.build_party("slm", "llama-tiny", ("char",), corpus, train, warm, tmp_path)
+    assert info2["cached"] and info2["warm_loss"] == info["warm_loss"]
+    for a, b in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(a, b)
