@@ -268,7 +268,3 @@ def load_dataset(spec: str) -> list[dict]:
         raise DataError(f"bad data spec '{spec}': expected one of {', '.join(k + ':PATH' for k in LOADERS)}")
     return LOADERS[kind](path)
 
-
-def gold_answer(answer: str) -> str:
-    """The number after '####' in a GSM8K answer field (commas removed)."""
-    return answer.rsplit("####", 1)[-1].strip().replace(",", "")

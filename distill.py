@@ -191,7 +191,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
             opt.step()
             steps += 1
             for k, v in (("loss", total), (loss, l_main), ("local", l_local)):
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
     model.eval()
     return dict({k: v / steps for k, v in totals.items()}, steps=steps, n=len(samples))
 

@@ -1,1 +1,232 @@
-"""eval.py: see README (work in progress)."""
+"""eval.py: grade GSM8K-style reasoning paths and measure a model's accuracy.
+
+A reasoning path is what a model writes after `data.format_prompt(question)`: steps one per line
+with `<<a*b=c>>` calculator annotations, last line `#### N`, then EOS (LADA_SPEC.md §1). This file
+holds the grader used everywhere in the project (correctness of y_L / y_k, test accuracy):
+
+    extract_answer(text, mode)    strict: the number after "####" (GSM8K's own format)
+                                  flexible: also "The answer is N", "A: N", else the last number
+    is_correct(completion, gold)  compare the extracted number with the gold one by value
+    generate(model, tok, prompts) batched KV-cache decoding that stops after the "#### N" line
+    evaluate(model, tok, examples) -> {"strict", "flexible", "n", "completions"}
+
+CLI (a held-out GSM8K-format file and a model directory saved by models.py):
+
+    python eval.py --model runs/llm --data gsm8k:../shared/data/gsm8k/test.jsonl --limit 200
+"""
+
+import argparse
+import re
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from data import format_prompt
+
+# -----------------------------------------------------------------------------
+# Answer extraction. Normalization follows the official grader (drop thousands commas, compare
+# the number after "####"): https://github.com/openai/grade-school-math/blob/master/grade_school_math/dataset.py
+# and lm-evaluation-harness's "strict-match" / "flexible-extract" filters for gsm8k.
+
+# a number as people write it: optional sign, optional "$", "1,234" or "1234", optional ".5";
+# a "-" is a sign only when it does not follow a word or ")" (so "16-3" gives 3, not -3)
+NUMBER = r"(?:(?<![\w.)])-)?\$?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+NUMBER_RE = re.compile(NUMBER)
+STRICT_RE = re.compile(r"####[ \t]*(" + NUMBER + ")")  # GSM8K: "#### 1,234"
+# answer cues a model may use instead of "####", on the same line as the number
+CUE_RE = re.compile(r"(?:\banswer[ \t]+is|\banswer[ \t]*:|\bA:)[ \t]*:?[ \t]*(" + NUMBER + ")", re.IGNORECASE)
+ANSWER_LINE_RE = re.compile(r"####[^\n]*\n")  # a path ends with the first "####" line
+MODES = ("strict", "flexible")
+
+
+def _normalize(number: str) -> str | None:
+    """'$1,234.50' -> '1234.5', '18.00' -> '18', '-0' -> '0' (a canonical string of the value)."""
+    try:
+        value = Decimal(number.replace(",", "").replace("$", ""))
+    except InvalidOperation:
+        return None
+    out = format(value.normalize(), "f")  # 'f' keeps "1800" from becoming "1.8E+3"
+    return "0" if out == "-0" else out
+
+
+def extract_answer(text: str, mode: str = "flexible") -> str | None:
+    """The final numeric answer of `text` as a normalized string, or None if there is none.
+    strict: the first "#### N". flexible: "#### N", else the last "The answer is N" / "Answer: N" /
+    "A: N", else the last number anywhere in the text."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}, expected one of {MODES}")
+    m = STRICT_RE.search(text)
+    if m:
+        return _normalize(m.group(1))
+    if mode == "strict":
+        return None
+    cues = CUE_RE.findall(text)
+    if cues:
+        return _normalize(cues[-1])
+    numbers = NUMBER_RE.findall(text)
+    return _normalize(numbers[-1]) if numbers else None
+
+
+def gold_answer(gold: str) -> str:
+    """The normalized gold number of a GSM8K answer field ("... #### 1,234") or a bare number."""
+    answer = extract_answer(gold, "flexible")
+    if answer is None:
+        raise ValueError(f"gold answer has no number: {gold[-80:]!r}")
+    return answer
+
+
+def is_correct(completion: str, gold: str, mode: str = "flexible") -> bool:
+    """Does the completion's final answer equal the gold answer (by value, so 18 == 18.00)?"""
+    pred = extract_answer(completion, mode)
+    return pred is not None and Decimal(pred) == Decimal(gold_answer(gold))
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+def _cut_after_answer(text: str) -> str:
+    """Keep a path up to the end of its first "####" line (the newline itself is dropped, so the
+    path ends in "#### N" as in training). Text without a finished "####" line is kept whole."""
+    m = ANSWER_LINE_RE.search(text)
+    return text[: m.end() - 1] if m else text
+
+
+class _StopAfterAnswer(StoppingCriteria):
+    """Per row: done once the generated text holds a finished "#### N" line. The row's text is
+    decoded only when its newest token contains a newline, so a step costs one small decode."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len  # columns before this are the (left-padded) prompt
+        self.done = None
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        last = self.tokenizer.batch_decode(input_ids[:, -1:].tolist())
+        for row, piece in enumerate(last):
+            if not self.done[row] and "\n" in piece:
+                text = self.tokenizer.decode(input_ids[row, self.prompt_len:].tolist(), skip_special_tokens=True)
+                self.done[row] = ANSWER_LINE_RE.search(text) is not None
+        return self.done.clone()
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, temperature: float = 0.0,
+             batch_size: int = 32, seed: int | None = None, device=None) -> list[str]:
+    """One reasoning path per prompt (the generated text only, cut after its "#### N" line), in the
+    order of `prompts`. Greedy when temperature == 0, else plain temperature sampling (no top-k/p),
+    seeded by `seed` without touching the global RNG; with a seed the result also depends on
+    batch_size, since prompts are batched by length. Prompt ids are tokenizer(prompt,
+    add_special_tokens=False), exactly the ids training puts in front of a path."""
+    if not prompts:
+        return []
+    from tqdm import tqdm
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        raise ValueError("a prompt tokenizes to no tokens; nothing to condition on")
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # longest first: similar lengths share a batch
+    if temperature > 0:  # top_k=0, top_p=1: pure temperature sampling, whatever the model's generation_config says
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        sampling = dict(do_sample=False)
+    out = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) <= 1):
+                rows = order[start:start + batch_size]
+                T = max(len(ids[i]) for i in rows)
+                input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T), left padded
+                attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+                for b, i in enumerate(rows):
+                    input_ids[b, T - len(ids[i]):] = torch.tensor(ids[i])
+                    attention_mask[b, T - len(ids[i]):] = 1
+                gen = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                    stopping_criteria=StoppingCriteriaList([_StopAfterAnswer(tokenizer, T)]), use_cache=True,
+                    **sampling)  # (B, T + new)
+                texts = tokenizer.batch_decode(gen[:, T:].tolist(), skip_special_tokens=True,
+                                               clean_up_tokenization_spaces=False)
+                for i, text in zip(rows, texts):
+                    out[i] = _cut_after_answer(text)
+    finally:
+        model.train(was_training)
+    return out
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
+             device=None) -> dict:
+    """Greedy accuracy on examples [{"question", "answer" (GSM8K answer field)}]; n == 0 gives NaN."""
+    prompts = [format_prompt(ex["question"]) for ex in examples]
+    completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                           batch_size=batch_size, device=device)
+    n = len(examples)
+    result = {"n": n, "completions": completions}
+    for mode in MODES:
+        hits = sum(is_correct(c, ex["answer"], mode) for c, ex in zip(completions, examples))
+        result[mode] = hits / n if n else float("nan")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="GSM8K accuracy of a saved model (greedy decoding)")
+    # what to evaluate
+    parser.add_argument("--model", required=True, help="model directory (as saved by models.py)")
+    parser.add_argument("--data", required=True, help="dataset spec, e.g. gsm8k:PATH.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    # decoding
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per path, at most")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
+    args = parser.parse_args(argv)
+    print(vars(args))
+
+    def fail(msg: str) -> int:
+        print(f"eval.py: error: {msg}", file=sys.stderr)
+        return 2
+
+    for flag, value in [("--limit", args.limit), ("--batch-size", args.batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)]:
+        if value is not None and value < 1:
+            return fail(f"{flag} must be >= 1, got {value}")
+    if not Path(args.model).is_dir():
+        return fail(f"model directory not found: {args.model}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        return fail(f"unknown device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"device {args.device!r} requested but CUDA is not available")
+    from data import load_dataset
+    from models import load_model
+    try:  # the loaders raise these for user errors (bad spec, missing or unreadable files)
+        examples = load_dataset(args.data)[: args.limit]
+        model, tokenizer = load_model(args.model)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    model.to(device)
+    result = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, device=device)
+    print(f"{'n':>6} {'strict':>8} {'flexible':>9}")
+    print(f"{result['n']:>6} {result['strict']:>8.4f} {result['flexible']:>9.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,7 +195,7 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     rng = random.Random(seed)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.1, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
     losses = []
     for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
         batch = rng.sample(examples, min(batch_size, len(examples)))
@@ -237,3 +237,19 @@ def build_party(name: str, zoo_name: str, tok_spec: tuple, corpus: list[str], wa
     save_model(model, tok, path)
     (path / "info.json").write_text(json.dumps(info))
     return model, tok, dict(info, cached=False)
+
+
+@torch.no_grad()
+def mean_hidden(model, tokenizer, texts, batch_size=64, device="cpu"):
+    """Mean-pooled final hidden state of each text (n, d): the sample embedding of spec §3.1."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        h, _ = hidden_and_head(model, ids, mask)  # (B, T, d)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)

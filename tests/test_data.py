@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
+from eval import gold_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 ANNOT = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
@@ -28,7 +29,7 @@ def test_generated_solutions_recompute():
             for n in re.findall(r"\d+", expr)[1:]:  # every new operand is stated somewhere earlier
                 assert n in p["question"] or n in "\n".join(steps)
             last = int(res)
-        assert int(lines[-1][5:]) == last == int(data.gold_answer(p["answer"]))
+        assert int(lines[-1][5:]) == last == int(gold_answer(p["answer"]))
 
 
 def test_generator_is_seeded_and_has_difficulty_knob():
@@ -68,7 +69,7 @@ def test_real_gsm8k_loads():
     train = data.load_gsm8k(SHARED / "train.jsonl")
     test = data.load_dataset(f"gsm8k:{SHARED / 'test.jsonl'}")
     assert (len(train), len(test)) == (7473, 1319)
-    assert train[0]["question"].startswith("Natalia sold clips") and data.gold_answer(train[0]["answer"]) == "72"
+    assert train[0]["question"].startswith("Natalia sold clips") and gold_answer(train[0]["answer"]) == "72"
 
 
 def test_loader_errors_name_file_and_line(tmp_path):
