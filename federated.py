@@ -61,7 +61,7 @@ SCENARIOS = ("hetero", "homo", "one2one", "llm2slm")
 # method -> (allocation, loss); spec §2's table
 METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"), "random": ("random", "dard"),
            "lada-filter": ("filter", "sft"), "lada-loss": ("all", "dard"), "lada": ("filter", "dard")}
-RUN_KEYS = ("out", "resume")  # flags that do not change the results
+RUN_KEYS = ("out", "resume", "rounds")  # flags that do not change the finished rounds (--rounds extends a run)
 
 
 def resolve_config(args) -> dict:

@@ -16,6 +16,12 @@ from tqdm.auto import tqdm
 
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
+try:  # transformers' own per-shard bars would drown ours
+    from transformers.utils import logging as _hf_logging
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
 
 class ModelError(ValueError):
     """A user-facing model problem (e.g. a directory that is not a model)."""
@@ -197,7 +203,7 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
     losses = []
-    for _ in (bar := tqdm(range(steps), desc=desc, leave=False)):
+    for _ in (bar := tqdm(range(steps), desc=desc, leave=False, disable=None)):  # no bar off a terminal
         batch = rng.sample(examples, min(batch_size, len(examples)))
         enc = encode_pairs(tokenizer, [e["question"] for e in batch], [e["answer"] for e in batch],
                            max_len=max_len, device=device)
