@@ -81,7 +81,7 @@ def test_load_model_errors(tmp_path):
 
 def test_warm_up_learns_and_caches(tmp_path, corpus):
     train = data.generate(200, seed=5, steps=(2, 2), max_value=30)
-    warm = dict(steps=60, batch_size=16, lr=3e-3)
+    warm = dict(steps=60, batch_size=16, lr=1e-2)
     model, tok, info = models.build_party("slm", "llama-tiny", ("char",), corpus, train, warm, tmp_path)
     assert not info["cached"] and info["params"] == models.n_params(model)
     first = models.warm_up(models.build_model(tokenizer=tok, **models.ZOO["llama-tiny"]), tok, train, steps=1)
