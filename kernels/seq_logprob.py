@@ -1,0 +1,349 @@
+"""Fused per-sequence log-probability of labels under a linear LM head (spec §5).
+
+Motivation: DARD (spec §4) needs log p(y|x) summed over a path's tokens. The plain way, logits =
+hidden @ weightᵀ, materializes a (B·T, V) tensor: 8192 tokens × 152k vocabulary is 2.5 GB in bf16
+and twice that in fp32 for log_softmax, more than the rest of a small model's activations. These
+kernels never hold it: the forward streams vocabulary blocks through an online log-sum-exp, the
+backward recomputes each logit block and turns it straight into hidden/weight gradients.
+
+File layout (Triton-tutorial order): plain-torch reference -> kernels -> host wrappers ->
+autograd Function -> dispatch. Tests: tests/test_kernels.py; benchmark: kernels/bench.py.
+
+Dispatch (`kernel_backend`): CUDA tensors run Triton, CPU tensors run the torch reference.
+`LADA_KERNEL=triton|torch` forces a path; Triton on CPU tensors needs `TRITON_INTERPRET=1` set
+before `import kernels` (the interpreter is chosen when the kernels are decorated). With
+TRITON_INTERPRET=1 but LADA_KERNEL unset, CPU tensors still run the torch reference: the
+interpreter is ~1000x slower and the tests set TRITON_INTERPRET=1 for the whole session, so
+picking it implicitly would make every model test crawl.
+"""
+
+import os
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: this module still imports, the torch reference runs
+
+    class _NoTriton:
+        constexpr = None
+        jit = staticmethod(lambda fn=None, **kw: fn)
+        cdiv = staticmethod(lambda a, b: -(-a // b))
+
+    triton = tl = _NoTriton()
+    HAS_TRITON = False
+
+# -----------------------------------------------------------------------------
+# plain-torch reference (also the CPU path)
+
+
+def _token_logprob(h, w, lab):
+    """log_softmax(h @ wᵀ)[lab] for n tokens; h (n, d), w (V, d), lab (n,) -> (n,)."""
+    logits = h.to(w.dtype) @ w.T  # (n, V), fp32 (fp64 for fp64 inputs)
+    return logits.gather(1, lab[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_tokens=None):
+    """Same contract as `seq_logprob`, in plain torch.
+
+    hidden (B, T, d), weight (V, d), labels (B, T) already aligned with hidden. Returns (B,) in
+    fp32 (fp64 for fp64 inputs). Only unmasked tokens are computed, `chunk_tokens` at a time
+    (default: 2^26 logits per chunk, 256 MB in fp32); with several chunks each runs under
+    activation checkpointing, so the peak stays one (chunk_tokens, V) block, not (tokens, V).
+    """
+    B, T, d = hidden.shape
+    ctype = torch.promote_types(hidden.dtype, torch.float32)
+    chunk_tokens = chunk_tokens or max(1, 2**26 // weight.shape[0])
+    tok = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)  # flat b*T + t of kept tokens
+    h = hidden.reshape(-1, d)[tok]  # (n, d)
+    lab = labels.reshape(-1)[tok]
+    w = weight.to(ctype)  # one upcast copy, shared by the chunks
+    ckpt = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad) and len(tok) > chunk_tokens
+    pieces = []
+    for i in range(0, max(len(tok), 1), chunk_tokens):  # one (maybe empty) chunk keeps the graph
+        args = (h[i : i + chunk_tokens], w, lab[i : i + chunk_tokens])
+        pieces.append(checkpoint(_token_logprob, *args, use_reentrant=False) if ckpt else _token_logprob(*args))
+    out = torch.zeros(B, dtype=ctype, device=hidden.device)
+    return out.index_add(0, tok // T, torch.cat(pieces))
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+#
+# Notation: token i with hidden row h_i, target y_i; z_iv = h_i · w_v; lse_i = log Σ_v exp z_iv.
+#   forward:  logp_i = z_{i,y_i} - lse_i            out[b] = Σ_{i in row b, unmasked} logp_i
+#   backward: with c_i = ∂L/∂logp_i (= grad_output[b] of the token's row, 0 for masked tokens)
+#             ∂L/∂z_iv = c_i · (1[v = y_i] - exp(z_iv - lse_i))          ("d_logits", never stored)
+#             ∂L/∂h_i  = Σ_v ∂L/∂z_iv · w_v        ∂L/∂w_v = Σ_i ∂L/∂z_iv · h_i
+# Only unmasked tokens are launched: the host passes TOK, their flat row indices into hidden.
+# All pointer offsets (token * d, vocab * d) are int64: 8192 tokens × 152k vocabulary > 2^31.
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b. DOT_FP32 upcasts bf16 operands first (exact: bf16 products fit in fp32); the
+    host sets it only under TRITON_INTERPRET, whose tl.dot (3.9) multiplies bf16 as raw bits."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _logit_block(
+    H, W,  # hidden (N, d) and weight (V, d), unit stride along d
+    rows, t_mask,  # int64 (BLOCK_T,) hidden rows of this token block, and which are real
+    cols, v_mask,  # int64 (BLOCK_V,) vocabulary ids of this block, and which are < V
+    D, stride_h, stride_w,  # hidden size; row strides of H and W in elements
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """z[BLOCK_T, BLOCK_V] = h[rows] @ w[cols]ᵀ in fp32, looping over d in BLOCK_D tiles."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D  # d need not be a multiple of BLOCK_D (nor a power of two)
+        h_mask, w_mask = t_mask[:, None] & d_mask[None, :], v_mask[:, None] & d_mask[None, :]
+        h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :], mask=h_mask, other=0.0)  # (BLOCK_T, BLOCK_D)
+        w = tl.load(W + cols[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)  # (BLOCK_V, BLOCK_D)
+        acc = _dot(h, tl.trans(w), acc, PRECISION, DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _seq_logprob_fwd(
+    H, W,  # hidden (N, d), weight (V, d)
+    TOK,  # int64 (n,) flat index b*T + t of each unmasked token (its row of H)
+    LAB,  # int64 (n,) its target id
+    LSE_PART,  # fp32 (S, n) out: log-sum-exp of the token's logits over split s's vocabulary range
+    TGT_PART,  # fp32 (S, n) out: the target logit if the target lies in split s, else 0
+    n_tok, V, D,  # unmasked tokens, vocabulary size, hidden size
+    stride_h, stride_w,  # row strides of H and W
+    v_per_split,  # vocabulary entries per split, a multiple of BLOCK_V
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # grid = (token blocks, vocabulary splits); the host combines the S partial lse with logsumexp
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < n_tok
+    rows = tl.load(TOK + offs_t, mask=t_mask, other=0)  # int64
+    lab = tl.load(LAB + offs_t, mask=t_mask, other=-1)
+
+    m = tl.full((BLOCK_T,), float("-inf"), dtype=tl.float32)  # running max of z
+    s = tl.zeros((BLOCK_T,), dtype=tl.float32)  # running Σ exp(z - m)
+    tgt = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v_mask = cols < V
+        z = _logit_block(H, W, rows, t_mask, cols, v_mask, D, stride_h, stride_w,
+                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, DOT_FP32)
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        tgt += tl.sum(tl.where(cols[None, :] == lab[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # online log-sum-exp
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    out = pid_s * n_tok + offs_t
+    tl.store(LSE_PART + out, m + tl.log(s), mask=t_mask)
+    tl.store(TGT_PART + out, tgt, mask=t_mask)
+
+
+@triton.jit
+def _seq_logprob_bwd(
+    H, W,  # hidden (N, d), weight (V, d)
+    TOK, LAB,  # int64 (n,) unmasked tokens' rows of H and targets, as in the forward
+    LSE,  # fp32 (n,) log-sum-exp saved by the forward
+    COEF,  # fp32 (n,) c_i = ∂L/∂logp_i
+    GH, GW,  # fp32 (N, d) and (V, d) gradient accumulators, zero-initialized, updated atomically
+    n_tok, V, D,
+    stride_h, stride_w, stride_gh, stride_gw,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,  # skip the gradient nobody asked for
+):
+    # grid = (token blocks, vocabulary blocks), one d_logits tile per program: each tile adds its
+    # share to GH (summed over the V/BLOCK_V vocabulary blocks) and GW (over the n/BLOCK_T token
+    # blocks) with fp32 atomics, as Cut Cross-Entropy does. No extra memory beyond the two fp32
+    # accumulators, but n·V·d·(1/BLOCK_V + 1/BLOCK_T) atomic adds (~80 G for 8192 × 152k × 4096)
+    # and a run-to-run varying summation order (last bits only). Alternatives: a (chunk, V)
+    # d_logits buffer + cuBLAS (Liger; deterministic, more memory) or CCE's skipping of tiles
+    # whose softmax is below bf16 resolution (approximate). Measure with kernels/bench.py.
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < n_tok
+    rows = tl.load(TOK + offs_t, mask=t_mask, other=0)
+    lab = tl.load(LAB + offs_t, mask=t_mask, other=-1)
+    lse = tl.load(LSE + offs_t, mask=t_mask, other=0.0)
+    coef = tl.load(COEF + offs_t, mask=t_mask, other=0.0)  # padding rows get zero gradient
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_mask = cols < V
+
+    z = _logit_block(H, W, rows, t_mask, cols, v_mask, D, stride_h, stride_w,
+                     BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, DOT_FP32)
+    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # softmax, recomputed
+    onehot = tl.where(cols[None, :] == lab[:, None], 1.0, 0.0)
+    dz = (coef[:, None] * (onehot - p)).to(H.dtype.element_ty)  # (BLOCK_T, BLOCK_V) d_logits
+
+    for k in range(0, D, BLOCK_D):
+        offs_d = k + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h_mask, w_mask = t_mask[:, None] & d_mask[None, :], v_mask[:, None] & d_mask[None, :]
+        if COMPUTE_DH:  # GH[rows] += dz @ w[cols]
+            w = tl.load(W + cols[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
+            gh = _dot(dz, w, None, PRECISION, DOT_FP32)  # (BLOCK_T, BLOCK_D)
+            tl.atomic_add(GH + rows[:, None] * stride_gh + offs_d[None, :], gh, mask=h_mask, sem="relaxed")
+        if COMPUTE_DW:  # GW[cols] += dzᵀ @ h[rows]
+            h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :], mask=h_mask, other=0.0)
+            gw = _dot(tl.trans(dz), h, None, PRECISION, DOT_FP32)  # (BLOCK_V, BLOCK_D)
+            tl.atomic_add(GW + cols[:, None] * stride_gw + offs_d[None, :], gw, mask=w_mask, sem="relaxed")
+
+
+# -----------------------------------------------------------------------------
+# host wrappers: check shapes, pick blocks, allocate, launch
+
+_INTERPRETED = HAS_TRITON and type(_seq_logprob_fwd).__name__ == "InterpretedFunction"
+# The interpreter runs each block op as one numpy call, so fewer, larger blocks are faster; these
+# are still small enough that the tests' odd shapes (V=173, d=37) span several blocks, and
+# num_splits=2 exercises the split-vocabulary path.
+INTERPRET_CONFIG = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_D=16, num_splits=2, num_warps=1, num_stages=1)
+
+
+def _launch_config(h2d):
+    """Kernel meta-parameters for this device and dtype, and the forward's vocabulary splits
+    (None = choose from the SM count). Static, not autotuned."""
+    if not h2d.is_cuda:
+        cfg = dict(INTERPRET_CONFIG)
+    # Checked by compiling for sm_90 and sm_80 (cuobjdump): 16-bit tiles pipeline (3 stages, wgmma
+    # on Hopper, 96/160 KB shared for fwd/bwd) without register spills; fp32 needs smaller tiles
+    # and 8 warps to avoid spilling. Not timed on hardware: see kernels/bench.py.
+    elif h2d.dtype == torch.float32:
+        cfg = dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_splits=None, num_warps=8, num_stages=2)
+    else:
+        cfg = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64, num_splits=None, num_warps=8, num_stages=3)
+    # tl.dot precision: fp32 follows torch's matmul switch (default off: exact fp32 products);
+    # the setting does not matter for 16-bit operands, which keep Triton's default
+    tf32 = h2d.dtype != torch.float32 or (h2d.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    cfg.update(PRECISION="tf32" if tf32 else "ieee", DOT_FP32=_INTERPRETED and h2d.dtype == torch.bfloat16)
+    return cfg, cfg.pop("num_splits")
+
+
+def _flatten_valid(hidden, weight, labels, ignore_index):
+    """Kernel inputs: h2d (B*T, d) and w (V, d) in hidden's dtype with unit stride along d, and the
+    unmasked tokens' flat indices tok, rows b = tok // T and targets lab, all int64 (n,)."""
+    B, T, d = hidden.shape
+    assert weight.dim() == 2 and weight.shape[1] == d, f"weight {tuple(weight.shape)} vs hidden d={d}"
+    assert labels.shape == (B, T), f"labels {tuple(labels.shape)} vs hidden {(B, T)}"
+    assert hidden.device == weight.device == labels.device
+    h2d = hidden.reshape(B * T, d)
+    h2d = h2d if h2d.stride(1) == 1 else h2d.contiguous()
+    w = weight.to(hidden.dtype)  # e.g. fp32 master weights with bf16 activations, as autocast does
+    w = w if w.stride(1) == 1 else w.contiguous()
+    tok = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)  # one host sync
+    lab = labels.reshape(-1)[tok].long().contiguous()
+    return h2d, w, tok, tok // T, lab
+
+
+def triton_token_fwd(h2d, weight, tok, lab):
+    """Per-token log-probs and log-sum-exps of the tokens `tok` of h2d: two fp32 (n,) tensors."""
+    n, (V, D) = tok.numel(), weight.shape
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.float32, device=h2d.device)
+        return empty, empty.clone()
+    cfg, splits = _launch_config(h2d)
+    BT, BV = cfg["BLOCK_T"], cfg["BLOCK_V"]
+    n_tblocks, n_vblocks = triton.cdiv(n, BT), triton.cdiv(V, BV)
+    if splits is None:  # split the vocabulary until there are ~2 programs per SM
+        sms = torch.cuda.get_device_properties(h2d.device).multi_processor_count
+        splits = triton.cdiv(2 * sms, n_tblocks)
+    splits = max(1, min(splits, n_vblocks))
+    v_per_split = triton.cdiv(n_vblocks, splits) * BV
+    splits = triton.cdiv(V, v_per_split)  # no empty split
+    lse_part = torch.empty(splits, n, dtype=torch.float32, device=h2d.device)
+    tgt_part = torch.empty_like(lse_part)
+    _seq_logprob_fwd[(n_tblocks, splits)](
+        h2d, weight, tok, lab, lse_part, tgt_part, n, V, D, h2d.stride(0), weight.stride(0), v_per_split, **cfg
+    )
+    lse = torch.logsumexp(lse_part, dim=0) if splits > 1 else lse_part[0]
+    return tgt_part.sum(0) - lse, lse
+
+
+def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True):
+    """fp32 gradients (N, d) and (V, d) for per-token upstream gradients coef (n,); None if not needed."""
+    n, (V, D) = tok.numel(), weight.shape
+    gh = torch.zeros(h2d.shape, dtype=torch.float32, device=h2d.device) if need_dh else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=h2d.device) if need_dw else None
+    if n == 0 or not (need_dh or need_dw):
+        return gh, gw
+    cfg, _ = _launch_config(h2d)
+    grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(V, cfg["BLOCK_V"]))
+    dummy = lse  # placeholder pointer for a gradient that is not computed
+    _seq_logprob_bwd[grid](
+        h2d, weight, tok, lab, lse, coef.float().contiguous(), gh if need_dh else dummy, gw if need_dw else dummy,
+        n, V, D, h2d.stride(0), weight.stride(0), D, D, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **cfg
+    )
+    return gh, gw
+
+
+class _SeqLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index):
+        h2d, w, tok, row, lab = _flatten_valid(hidden, weight, labels, ignore_index)
+        tok_logp, lse = triton_token_fwd(h2d, w, tok, lab)
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        out.index_add_(0, row, tok_logp)  # per-row sum of the (n,) per-token log-probs
+        ctx.save_for_backward(h2d, w, tok, row, lab, lse)
+        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h2d, w, tok, row, lab, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        coef = grad_out.float()[row]  # c_i = grad_output[b(i)]
+        gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
+        gh = gh.view(ctx.hidden_shape).to(h2d.dtype) if need_dh else None
+        gw = gw.to(ctx.weight_dtype) if need_dw else None
+        return gh, gw, None, None
+
+
+# -----------------------------------------------------------------------------
+# dispatch
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_backend(tensor):
+    """'triton' or 'torch': the path `seq_logprob` / `dard_loss_fused` take for this tensor."""
+    forced = os.environ.get("LADA_KERNEL", "").strip().lower()
+    if forced not in ("", "triton", "torch"):
+        raise ValueError(f"LADA_KERNEL={forced!r}: expected 'triton' or 'torch'")
+    if forced == "torch" or not HAS_TRITON or tensor.dtype not in _KERNEL_DTYPES:
+        return "torch"  # (float64 inputs, e.g. for checking, always take the reference)
+    if tensor.is_cuda:
+        return "triton"
+    if forced == "triton":
+        if _INTERPRETED:
+            return "triton"
+        raise RuntimeError("LADA_KERNEL=triton on CPU tensors needs TRITON_INTERPRET=1 set before `import kernels`")
+    return "torch"
+
+
+def seq_logprob(hidden, weight, labels, ignore_index=-100):
+    """Σ_t log softmax(hidden[b,t] @ weightᵀ)[labels[b,t]] over unmasked t, per row b.
+
+    hidden (B, T, d) final hidden states (input of lm_head); weight (V, d) lm_head weight;
+    labels (B, T) int in [0, V) or ignore_index (masked), aligned with hidden (the caller shifts).
+    Returns (B,) fp32, differentiable in hidden and weight; a fully masked row gives exactly 0.
+    """
+    if kernel_backend(hidden) == "triton":
+        return _SeqLogprobFunction.apply(hidden, weight, labels, ignore_index)
+    return seq_logprob_reference(hidden, weight, labels, ignore_index)
