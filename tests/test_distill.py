@@ -1,0 +1,131 @@
+"""distill.py: batching, the DARD loss against hand-computed values and the fused kernel, training steps."""
+import math
+import random
+
+import pytest
+import torch
+
+import data
+import distill
+import kernels
+import models
+
+
+@pytest.fixture(scope="module")
+def tok():
+    corpus = [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(200, seed=0)]
+    return models.build_tokenizer("char", corpus)
+
+
+def test_encode_pairs_masks_prompt_and_shifts(tok):
+    qs, ys = ["What is 2 + 3?", "A rope is 9 meters long."], ["2 + 3 = <<2+3=5>>5\n#### 5", "#### 9"]
+    enc = distill.encode_pairs(tok, qs, ys)
+    for b, (q, y) in enumerate(zip(qs, ys)):
+        ids, lab = enc["input_ids"][b].tolist(), enc["labels"][b].tolist()
+        n_prompt = len(tok(data.format_prompt(q), add_special_tokens=False).input_ids)
+        kept = [t for t in range(len(lab)) if lab[t] != -100]
+        assert kept == list(range(n_prompt - 1, n_prompt - 1 + len(y) + 1))  # char-level: |y| + EOS targets
+        assert all(lab[t] == ids[t + 1] for t in kept[:-1])  # shifted: position t predicts token t+1
+        assert tok.decode([lab[t] for t in kept[:-1]]) == y and lab[kept[-1]] == tok.eos_token_id
+        assert enc["n_tokens"][b] == len(y) + 1
+        assert enc["attention_mask"][b].sum() == n_prompt + len(y) + 1  # prompt, path, EOS; the rest is padding
+        assert (enc["input_ids"][b, n_prompt + len(y) + 1:] == tok.pad_token_id).all()
+
+
+def test_dard_loss_hand_computed():
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)
+    # h = 0.1 * ((-10 + 11) - (-12 + 11)) = 0.2;  alpha term = 0.1 * 10 / 5 = 0.2
+    loss, diag = distill.dard_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), t(0.7), 0.1, 0.1, t(5.0))
+    want = -(0.7 * math.log(sig(0.2)) + 0.3 * math.log(sig(-0.2))) + 0.2
+    assert loss.item() == pytest.approx(want, abs=1e-12)
+    assert diag["h"].item() == pytest.approx(0.2) and diag["reward_pos"].item() == pytest.approx(0.1)
+    # q = 1 reduces to DPO's -log sigma(h); alpha = 0 drops the NLL term
+    loss, _ = distill.dard_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), t(1.0), 0.1, 0.0, t(5.0))
+    assert loss.item() == pytest.approx(-math.log(sig(0.2)), abs=1e-12)
+
+
+def test_teacher_targets_hand_computed():
+    # margins per character: (-10/20 - -30/30) / 0.1 = 5;  equal per-char scores give 0
+    lp_pos, lp_neg = torch.tensor([-10.0, -10.0, -10.0, -6.0]), torch.tensor([-30.0, -30.0, -30.0, -6.0])
+    c_pos, c_neg = torch.tensor([20.0, 20, 20, 12]), torch.tensor([30.0, 30, 30, 12])
+    correct_pos, correct_neg = torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0])
+    q = distill.teacher_targets(lp_pos, lp_neg, c_pos, c_neg, correct_pos, correct_neg, tau=0.1)
+    torch.testing.assert_close(q, torch.tensor([1 / (1 + math.exp(-5)), 1.0, 0.0, 0.5]))
+
+
+def test_fused_dard_matches_dard_loss_composed_with_seq_logprob():
+    torch.manual_seed(0)
+    B, T, d, V = 3, 7, 12, 37
+    h = torch.randn(2 * B, T, d, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, d, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, V, (2 * B, T))
+    lab[:, :2] = -100  # prompt
+    ref = -torch.rand(2 * B, dtype=torch.float64) * 20
+    q = torch.rand(B, dtype=torch.float64)
+    alpha = torch.tensor([0.1, 0.0, 0.1], dtype=torch.float64)
+    loss, logps = kernels.dard_loss_fused(h, w, lab, ref, q, 0.1, alpha)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    lp = kernels.seq_logprob(h, w, lab)
+    want, _ = distill.dard_loss(lp[:B], lp[B:], ref[:B], ref[B:], q, 0.1, alpha, (lab[:B] != -100).sum(1))
+    wh, ww = torch.autograd.grad(want.mean(), (h, w))
+    torch.testing.assert_close(loss, want.mean())
+    torch.testing.assert_close(logps, lp.detach())
+    torch.testing.assert_close(gh, wh)
+    torch.testing.assert_close(gw, ww)
+
+
+def _pairs(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for p in data.generate(n, seed=seed, steps=(2, 2), max_value=20):
+        wrong = p["answer"].rsplit("####", 1)[0] + f"#### {rng.randint(100, 999)}"
+        out.append(dict(question=p["question"], y_pos=p["answer"], y_neg=wrong, q=0.9, correct_pos=True))
+    return out
+
+
+def _train_dard(tok, samples, steps, backend, monkeypatch):
+    monkeypatch.setenv("LADA_KERNEL", backend)
+    model = models.build_model(tokenizer=tok, seed=3, **models.ZOO["llama-tiny"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=len(samples), distill_epochs=1, max_len=None)
+    enc = distill.encode_pairs(tok, [s["question"] for s in samples] * 2,
+                               [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples])
+    ref = distill.score_paths(model, tok, [s["question"] for s in samples] * 2,
+                              [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples])[0]
+    q = torch.tensor([s["q"] for s in samples])
+    losses = []
+    for _ in range(steps):
+        h, w = models.hidden_and_head(model, enc["input_ids"], enc["attention_mask"])
+        losses.append(kernels.dard_loss_fused(h, w, enc["labels"], ref, q, cfg["beta"], cfg["alpha"])[0].item())
+        distill.distill(model, tok, opt, samples, [], "dard", cfg, random.Random(0))
+    return losses
+
+
+def test_tiny_model_lowers_dard_loss_through_both_paths(tok, monkeypatch):
+    if not kernels.HAS_TRITON:
+        pytest.skip("triton not installed")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton path needs TRITON_INTERPRET=1 on CPU")
+    samples = _pairs(3, seed=1)
+    torch_losses = _train_dard(tok, samples, 4, "torch", monkeypatch)
+    triton_losses = _train_dard(tok, samples, 4, "triton", monkeypatch)
+    assert torch_losses[-1] < torch_losses[0] - 0.05  # training lowers the loss ...
+    assert torch_losses == pytest.approx(triton_losses, rel=1e-4, abs=1e-5)  # ... identically through both paths
+
+
+def test_distill_sft_and_identical_pairs(tok):
+    model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = dict(beta=0.1, alpha=0.1, lam=0.5, distill_batch=4, distill_epochs=2, max_len=None)
+    samples = _pairs(6, seed=2)
+    local = data.generate(20, seed=3, steps=(2, 2), max_value=20)
+    before = [p.detach().clone() for p in model.parameters()]
+    st = distill.distill(model, tok, opt, samples, local, "sft", cfg, random.Random(0))
+    assert st["steps"] == 4 and st["n"] == 6 and st["local"] > 0  # 2 epochs x ceil(6/4) batches, local term on
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    same = [dict(s, y_neg=s["y_pos"]) for s in samples]
+    assert distill.distill(model, tok, opt, same, local, "dard", cfg, random.Random(0)) == {"steps": 0}
+    with pytest.raises(ValueError, match="unknown loss"):
+        distill.distill(model, tok, opt, samples, local, "kl", cfg, random.Random(0))
