@@ -29,7 +29,7 @@ ABLATIONS = ["lada-filter", "lada-loss"]
 def run_one(preset, scenario, method, seed, extra, dest: Path, workdir: Path):
     out = workdir / f"{preset}-{scenario}-{method}-s{seed}{'-' + '-'.join(extra).replace('--', '') if extra else ''}"
     args = ["--preset", preset, "--scenario", scenario, "--method", method, "--seed", str(seed), "--out", str(out),
-            "--cache", str(workdir / "cache")] + extra + (["--resume"] if (out / "ckpt").exists() else [])
+            "--cache", str(workdir / "cache"), "--data_seed", "0"] + extra + (["--resume"] if (out / "ckpt").exists() else [])
     if federated.main(args) != 0:
         raise SystemExit(f"compare.py: run failed: federated.py {' '.join(args)}")
     res = json.loads((out / "results.json").read_text())

@@ -145,7 +145,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
             if seed is not None:
                 torch.manual_seed(seed)
             starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="generate", leave=False, disable=len(starts) <= 1):
+            for start in tqdm(starts, desc="generate", leave=False, disable=True if len(starts) <= 1 else None):
                 rows = order[start:start + batch_size]
                 T = max(len(ids[i]) for i in rows)
                 input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T), left padded

@@ -36,13 +36,14 @@ BASE = dict(
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
-    parties="gpu", seed=0, device="auto", dtype="fp32", cache="cache",
+    parties="gpu", seed=0, data_seed=-1, device="auto", dtype="fp32", cache="cache",
 )
 PRESETS = {
     "default": dict(),
-    "cpu": dict(parties="cpu", pool_size=64, budget=16, min_budget=4, local_steps=20, local_batch=32,
-                n_public=2000, n_private=1500, n_test=150, n_val=100, n_general=6000, min_steps=2, max_steps=3,
-                max_value=50, warm_llm=1500, warm_slm=400, max_new_tokens=200, max_len=400, lr=2e-3, lr_llm=1e-3),
+    "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
+                n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
+                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320,
+                lr=2e-3, lr_llm=1e-3),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
@@ -52,7 +53,7 @@ PRESETS = {
 PARTIES = {
     "gpu": dict(llm=("llama-26m", ("bpe", 2048)), mid=("llama-8m", ("bpe", 2048)),
                 hetero=[("qwen2-3m", ("bpe", 1024)), ("gpt2-2m", ("bpe", 512)), ("llama-1m", ("char",))]),
-    "cpu": dict(llm=("llama-cpu-l", ("bpe", 512)), mid=("llama-cpu-m", ("bpe", 512)),
+    "cpu": dict(llm=("llama-cpu-l", ("bpe", 1024)), mid=("llama-cpu-m", ("bpe", 1024)),
                 hetero=[("qwen2-cpu-s", ("bpe", 384)), ("gpt2-cpu-s", ("bpe", 320)), ("llama-cpu-s", ("char",))]),
     "smoke": dict(llm=("llama-tiny", ("bpe", 300)), mid=("llama-tiny", ("bpe", 300)),
                   hetero=[("qwen2-tiny", ("bpe", 280)), ("gpt2-tiny", ("bpe", 260)), ("llama-tiny", ("char",))]),
@@ -72,6 +73,8 @@ def resolve_config(args) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             cfg[k] = v
+    if cfg["data_seed"] < 0:  # data, initializations and warm-ups follow --seed unless fixed apart
+        cfg["data_seed"] = cfg["seed"]
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
@@ -114,10 +117,10 @@ def make_data(cfg, num_clients):
 
     if cfg["data"] is None:
         return data.make_splits(num_clients, cfg["n_public"], cfg["n_private"], cfg["n_test"], cfg["n_val"],
-                                cfg["n_general"], cfg["dirichlet"], cfg["seed"], (cfg["min_steps"], cfg["max_steps"]),
+                                cfg["n_general"], cfg["dirichlet"], cfg["data_seed"], (cfg["min_steps"], cfg["max_steps"]),
                                 cfg["max_value"])
     rows = data.load_dataset(cfg["data"])
-    random.Random(cfg["seed"]).shuffle(rows)
+    random.Random(cfg["data_seed"]).shuffle(rows)
     n_hold = (num_clients + 1) * (cfg["n_test"] + cfg["n_val"])
     if len(rows) < n_hold + 2 * (num_clients + 1):
         raise data.DataError(f"{cfg['data']}: {len(rows)} records are too few for {num_clients + 1} parties' "
@@ -162,7 +165,7 @@ def build_parties(cfg, splits):
             warm_data, steps = splits["public"] + splits["general"], cfg["warm_llm"]
         else:
             warm_data, steps = splits["clients"][i - 1]["private"], cfg["warm_slm"]
-        seed = cfg["seed"] if cfg["scenario"] == "homo" else cfg["seed"] + i  # homo SLMs share an initialization
+        seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
         warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
         models[name], toks[name], info[name] = build_party(name, zoo, tok_spec, corpus, warm_data, warm,
                                                            cfg["cache"], device=dev, seed=seed)
@@ -476,7 +479,8 @@ HELP = {
     "min_steps": "fewest reasoning steps of a generated problem", "max_steps": "most reasoning steps",
     "max_value": "size of the numbers in generated problems", "warm_llm": "LLM warm-up steps",
     "warm_slm": "SLM warm-up steps", "warm_batch": "warm-up batch size", "warm_lr": "warm-up learning rate",
-    "parties": "model sizes: gpu | cpu | smoke", "seed": "random seed", "device": "auto | cpu | cuda",
+    "parties": "model sizes: gpu | cpu | smoke", "seed": "random seed of the rounds (pools, sampling, filters)",
+    "data_seed": "seed of the data splits, initializations and warm-ups (-1 = --seed)", "device": "auto | cpu | cuda",
     "dtype": "fp32 | bf16 (autocast on CUDA)", "cache": "directory of warmed-up models",
 }
 

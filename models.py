@@ -74,8 +74,8 @@ ZOO = {
     "qwen2-3m": dict(arch="qwen2", d_model=256, n_layer=4, n_head=4, d_ff=704),
     "gpt2-2m": dict(arch="gpt2", d_model=192, n_layer=4, n_head=4, d_ff=768),
     "llama-1m": dict(arch="llama", d_model=160, n_layer=3, n_head=4, d_ff=432),
-    # CPU sizes
-    "llama-cpu-l": dict(arch="llama", d_model=160, n_layer=4, n_head=4, d_ff=432),
+    # CPU sizes (reduced; what a 2-core CPU warms up in minutes)
+    "llama-cpu-l": dict(arch="llama", d_model=160, n_layer=3, n_head=4, d_ff=432),
     "llama-cpu-m": dict(arch="llama", d_model=112, n_layer=3, n_head=4, d_ff=304),
     "qwen2-cpu-s": dict(arch="qwen2", d_model=80, n_layer=2, n_head=4, d_ff=224),
     "gpt2-cpu-s": dict(arch="gpt2", d_model=64, n_layer=2, n_head=4, d_ff=256),

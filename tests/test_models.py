@@ -47,7 +47,8 @@ def test_zoo_spans_8x_and_all_families(corpus):
     tok = models.build_tokenizer("bpe", corpus, 512)
     n = {name: models.n_params(models.build_model(tokenizer=tok, **spec)) for name, spec in models.ZOO.items()
          if "tiny" not in name}
-    assert n["llama-26m"] / n["llama-1m"] >= 8 and n["llama-cpu-l"] / n["llama-cpu-s"] >= 8
+    assert n["llama-26m"] / n["llama-1m"] >= 8  # the default LLM vs the smallest default SLM
+    assert n["llama-cpu-l"] / n["llama-cpu-s"] >= 5  # CPU sizes: a narrower span
     assert {s["arch"] for s in models.ZOO.values()} == {"llama", "qwen2", "gpt2"}
 
 
