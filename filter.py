@@ -2,18 +2,20 @@
 
 A neural contextual bandit in the style of EE-Net (Ban et al., ICLR 2022, arXiv 2110.03177), one per
 (client, direction), living with the student:
-- `sample_features`      the context φ of a sample from the four log-probs and two correctness bits (§3.1)
-- `project_embeddings`   the fixed random projection of the student's mean-pooled hidden state (§3.1)
+- `sample_features`      the context φ of a sample from four log-probs and two correctness bits (§3.1)
+- `project_embeddings`   fixed random projection of the student's mean-pooled hidden state (§3.1)
 - `learnability_reward`  r = clip(1 − ppl_after / ppl_before, 0, 1) · correct(y_t) (§3.3)
-- `LearnabilityFilter`   f1 (exploitation) + f2 (exploration), `select` / `update` / `state_dict` (§3.2)
+- `LearnabilityFilter`   f1 (exploitation) + f2 (exploration): select / update / state_dict (§3.2)
 
-`python filter.py --demo` runs the filter on synthetic contextual bandits whose expected reward is
-known and prints the mean reward of its picks per round next to f1 alone, random picks and the oracle.
+    python filter.py --demo     # synthetic bandits with known expected reward, ~15 s on a 2-core CPU
+
+The demo prints the mean expected reward of the picks per round for the filter (f1+f2), f1 alone
+(greedy), random picks and the oracle (top-budget by true expected reward).
 """
 import argparse
 import copy
+import functools
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -23,29 +25,28 @@ from torch.func import functional_call, grad, vmap
 # §3.1 the context of a sample (student s, teacher t, sent path y_t, own path y_s)
 
 FEATURE_NAMES = [
-    "nll_s_yt",   # NLL of y_t under the student, per character
-    "nll_t_yt",   # NLL of y_t under the teacher, per character
-    "gap_yt",     # nll_s_yt − nll_t_yt: the learnability gap
-    "nll_s_ys",   # NLL of y_s under the student, per character
-    "nll_t_ys",   # NLL of y_s under the teacher, per character
-    "correct_yt",  # 1 if y_t ends in the gold answer
-    "correct_ys",  # 1 if y_s ends in the gold answer
+    "nll_s_yt",      # NLL of y_t under the student, per character
+    "nll_t_yt",      # NLL of y_t under the teacher, per character
+    "gap_yt",        # nll_s_yt − nll_t_yt: the learnability gap
+    "nll_s_ys",      # NLL of y_s under the student, per character
+    "nll_t_ys",      # NLL of y_s under the teacher, per character
+    "correct_yt",    # 1 if y_t ends in the gold answer
+    "correct_ys",    # 1 if y_s ends in the gold answer
     "log_chars_yt",  # log of the length of y_t in characters
 ]
 FEATURE_DIM = len(FEATURE_NAMES)  # 8; the embedding (embed_dim) is passed separately
 
 
 def sample_features(logp_s_yt, logp_t_yt, logp_s_ys, logp_t_ys, chars_t, chars_s, correct_t, correct_s):
-    """The context features of spec §3.1 (without the embedding), all arguments Tensor[n].
+    """The context features of spec §3.1 without the embedding; every argument is Tensor[n].
 
-    logp_*: summed natural-log probabilities of a whole path (≤ 0) under student s or teacher t, each
-    under its own tokenizer; chars_*: lengths of y_t / y_s in characters; correct_*: 0/1.
+    logp_*: summed natural-log probability of a whole path (≤ 0) under the student s or teacher t, each
+    under its own tokenizer; chars_*: length of y_t / y_s in characters; correct_*: 0/1.
     Returns Tensor[n, FEATURE_DIM] (float32) in the order of FEATURE_NAMES. NLLs are per character so
     that scores from different tokenizers compare (§3.1).
     """
-    c_t = torch.as_tensor(chars_t, dtype=torch.float32).clamp(min=1)
-    c_s = torch.as_tensor(chars_s, dtype=torch.float32).clamp(min=1)
-    f = lambda x: torch.as_tensor(x, dtype=torch.float32)
+    f = lambda v: torch.as_tensor(v, dtype=torch.float32)
+    c_t, c_s = f(chars_t).clamp(min=1), f(chars_s).clamp(min=1)
     nll_s_yt, nll_t_yt = -f(logp_s_yt) / c_t, -f(logp_t_yt) / c_t
     nll_s_ys, nll_t_ys = -f(logp_s_ys) / c_s, -f(logp_t_ys) / c_s
     return torch.stack([nll_s_yt, nll_t_yt, nll_s_yt - nll_t_yt, nll_s_ys, nll_t_ys,
@@ -55,32 +56,43 @@ def sample_features(logp_s_yt, logp_t_yt, logp_s_ys, logp_t_ys, chars_t, chars_s
 def project_embeddings(hidden_mean, embed_dim=16, seed=0):
     """Fixed Gaussian projection (§3.1): Tensor[n, h] mean-pooled hidden states -> Tensor[n, embed_dim].
 
-    R ~ N(0, 1/embed_dim)^{h×embed_dim}, drawn from `seed` alone, so every call with the same (h, seed)
-    uses the same R (Johnson–Lindenstrauss scaling: norms are roughly preserved).
+    R ~ N(0, 1/embed_dim)^(h × embed_dim) is drawn from `seed` alone, so every call with the same (h, seed)
+    uses the same R; the 1/sqrt(embed_dim) scale keeps norms about equal (Johnson–Lindenstrauss).
     """
-    h = hidden_mean.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    R = torch.randn(h, embed_dim, generator=g) / math.sqrt(embed_dim)  # (h, e)
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(hidden_mean.shape[1], embed_dim, generator=gen) / math.sqrt(embed_dim)  # (h, e)
     return hidden_mean.float() @ R.to(hidden_mean.device)
 
 
 def learnability_reward(nll_before, nll_after, correct):
-    """Spec §3.3: r = clip(1 − exp(ℓ_after − ℓ_before), 0, 1) · correct(y_t) = 1 − ppl_after/ppl_before.
+    """Spec §3.3: r = clip(1 − exp(ℓ_after − ℓ_before), 0, 1) · correct(y_t), i.e. 1 − ppl_after/ppl_before.
 
-    nll_before, nll_after: Tensor[k] per-token NLL of y_t under the student before / after this round's
-    distillation; correct: Tensor[k] 0/1 correctness of y_t. Returns Tensor[k] in [0, 1].
+    nll_before, nll_after: Tensor[k], per-token NLL of y_t under the student before / after this round's
+    distillation; correct: Tensor[k], 0/1 correctness of y_t. Returns Tensor[k] in [0, 1].
     """
-    nll_before, nll_after = torch.as_tensor(nll_before).float(), torch.as_tensor(nll_after).float()
-    gain = (1 - torch.exp(nll_after - nll_before)).clamp(0, 1)
-    return gain * torch.as_tensor(correct).float()
+    f = lambda v: torch.as_tensor(v, dtype=torch.float32)
+    return (1 - torch.exp(f(nll_after) - f(nll_before))).clamp(0, 1) * f(correct)
 
 # -----------------------------------------------------------------------------
 # §3.2 the filter
 
 
+def _single_thread(fn):
+    """Run fn with one intra-op thread, then restore the caller's setting: the filter's nets are tiny,
+    and on a busy CPU more threads make their many small ops tens of times slower."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+    return wrapped
+
+
 def _mlp(d_in, hidden, out_act, gen):
-    """d_in -> hidden -> 1 MLP, initialized from `gen` (PyTorch's default uniform bounds) so the
-    global RNG is never touched."""
+    """d_in -> hidden -> 1 MLP; PyTorch's default uniform bounds, drawn from `gen` (never the global RNG)."""
     net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1), out_act)
     with torch.no_grad():
         for lin in (net[0], net[2]):
@@ -91,19 +103,21 @@ def _mlp(d_in, hidden, out_act, gen):
 
 
 def kmeans_pick(x, k, gen, iters=25):
-    """k-means++ then Lloyd on x: Tensor[n, e]; returns LongTensor[k] of distinct rows, the sample
-    nearest each centroid (spec §3.2, round 1). Centroids are visited in order; a taken sample is
-    skipped, so the picks are distinct."""
+    """Round 1 of §3.2: k-means++ seeding then Lloyd on x: Tensor[n, e]; returns LongTensor[k], the
+    sample nearest each centroid. Centroids are visited in order and a taken sample is skipped, so the
+    picks are distinct."""
     n = x.shape[0]
+    if k >= n:
+        return torch.arange(n)
     x = x.double()
-    C = x[torch.randint(n, (1,), generator=gen)]  # k-means++ seeding
-    for _ in range(1, k):
+    C = x[torch.randint(n, (1,), generator=gen)]  # (1, e)
+    for _ in range(1, k):  # k-means++: next centroid drawn with probability ∝ squared distance
         d2 = torch.cdist(x, C).min(1).values ** 2  # (n,)
         p = d2 / d2.sum() if d2.sum() > 0 else torch.full((n,), 1.0 / n, dtype=x.dtype)
         C = torch.cat([C, x[torch.multinomial(p, 1, generator=gen)]])
     for _ in range(iters):  # Lloyd
         assign = torch.cdist(x, C).argmin(1)  # (n,)
-        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)
+        counts = torch.bincount(assign, minlength=k).unsqueeze(1).to(x.dtype)  # (k, 1)
         sums = torch.zeros_like(C).index_add_(0, assign, x)
         C_new = torch.where(counts > 0, sums / counts.clamp(min=1), C)  # an empty cluster keeps its centroid
         if torch.allclose(C_new, C):
@@ -119,15 +133,16 @@ def kmeans_pick(x, k, gen, iters=25):
 
 
 class LearnabilityFilter:
-    """EE-Net-style filter of spec §3.2.
+    """The EE-Net-style filter of spec §3.2.
 
     φ = standardize([features, embedding]) with running per-dimension statistics (§3.1).
-    f1(φ; θ1) ∈ [0,1] predicts the reward; f2(g(φ); θ2) ∈ [−1,1] predicts the residual r − f1(φ),
-    where g(φ) is ∇θ1 f1(φ) block-mean-pooled to ≤ grad_dim entries and scaled to unit RMS.
-    u = f1 + f2 (or f1 alone with explore=False, the greedy ablation).
+    f1(φ; θ1) ∈ [0, 1] predicts the reward; f2(g(φ); θ2) ∈ [−1, 1] predicts the residual r − f1(φ), where
+    g(φ) = ∇θ1 f1(φ), block-mean-pooled to ≤ grad_dim entries and scaled to unit L2 norm.
+    Score u = f1 + f2, or u = f1 with explore=False (the greedy ablation).
 
-    Usage, once per round: idx = filt.select(features, embeddings); ...train on idx...;
+    Once per round: idx = filt.select(features, embeddings); ...distil on idx...;
     filt.update(features[idx], embeddings[idx], rewards).
+    Everything runs on CPU in float32; inputs on another device are copied.
     """
 
     def __init__(self, feature_dim, embed_dim, budget, min_budget, threshold=0.5, hidden=64, epochs=10,
@@ -138,121 +153,134 @@ class LearnabilityFilter:
                            grad_dim=grad_dim, batch_size=batch_size, explore=explore)
         self.budget, self.min_budget, self.threshold = budget, min_budget, threshold
         self.epochs, self.batch_size, self.explore = epochs, batch_size, explore
-        self.gen = torch.Generator().manual_seed(seed)  # private RNG: init, shuffles, k-means
+        self.gen = torch.Generator().manual_seed(seed)  # the filter's only RNG: init, k-means, shuffles
         d = feature_dim + embed_dim
-        self.f1 = _mlp(d, hidden, nn.Sigmoid(), self.gen)  # exploitation net, reward in [0, 1]
-        self.n_params = sum(p.numel() for p in self.f1.parameters())
-        self.block = math.ceil(self.n_params / grad_dim)  # parameters per pooled gradient entry
-        self.grad_dim = math.ceil(self.n_params / self.block)  # ≤ grad_dim
-        self.f2 = _mlp(self.grad_dim, hidden, nn.Tanh(), self.gen)  # exploration net, residual in [-1, 1]
+        self.f1 = _mlp(d, hidden, nn.Sigmoid(), self.gen)  # exploitation net: reward in [0, 1]
+        self.n_params = sum(p.numel() for p in self.f1.parameters())  # P, 1665 for d=24, hidden=64
+        self.block = math.ceil(self.n_params / grad_dim)  # parameters averaged into one entry of g
+        self.grad_dim = math.ceil(self.n_params / self.block)  # ≤ grad_dim (238 for P=1665)
+        self.f2 = _mlp(self.grad_dim, hidden, nn.Tanh(), self.gen)  # exploration net: residual in [-1, 1]
         self.opt1 = torch.optim.Adam(self.f1.parameters(), lr=lr)
         self.opt2 = torch.optim.Adam(self.f2.parameters(), lr=lr)
-        # running statistics of φ (Chan et al. parallel mean/variance), float64
-        self.count = 0
-        self.mean = torch.zeros(d, dtype=torch.float64)
-        self.m2 = torch.zeros(d, dtype=torch.float64)
-        # history: f1's data (raw contexts, rewards) and f2's data (g, residual) as seen when picked
+        # running mean / sum of squared deviations of [features, embedding], float64 (Chan et al. merge)
+        self.count, self.mean, self.m2 = 0, torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        # reward history: raw contexts (re-standardized at every update) and rewards
         self.hist = dict(features=torch.zeros(0, feature_dim), embeddings=torch.zeros(0, embed_dim),
-                         rewards=torch.zeros(0), grads=torch.zeros(0, self.grad_dim), residuals=torch.zeros(0))
+                         rewards=torch.zeros(0))
 
     # --- context
 
     def _fold_stats(self, x):
-        """Merge the rows of x: Tensor[n, d] into the running mean/variance."""
+        """Merge the rows of x: Tensor[n, d] into the running mean and variance."""
         x = x.double()
-        n, mu, m2 = x.shape[0], x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
-        tot = self.count + n
-        delta = mu - self.mean
+        n, mu = x.shape[0], x.mean(0)
+        tot, delta = self.count + n, mu - self.mean
+        self.m2 = self.m2 + ((x - mu) ** 2).sum(0) + delta ** 2 * self.count * n / tot
         self.mean = self.mean + delta * n / tot
-        self.m2 = self.m2 + m2 + delta ** 2 * self.count * n / tot
         self.count = tot
 
     def _phi(self, features, embeddings):
-        """φ = standardized [features, embedding]: Tensor[n, m+e]. Std floored at 1e-3 and z clipped to
-        ±5, so a feature that was constant so far cannot blow up."""
-        x = torch.cat([features.float(), embeddings.float()], 1)
+        """φ: Tensor[n, m+e], the standardized [features, embedding]. The std is floored at 1e-3 and z
+        clipped to ±5, so a feature that has been constant so far cannot blow up."""
+        x = torch.cat([features, embeddings], 1)
         if self.count == 0:
             return x
         std = (self.m2 / max(self.count - 1, 1)).sqrt().clamp(min=1e-3)
         return ((x.double() - self.mean) / std).clamp(-5, 5).float()
 
     def _grad_features(self, phi):
-        """g(φ): ∇θ1 f1(φ) per sample (torch.func vmap of grad), block-mean-pooled and scaled to unit RMS.
-        Tensor[n, m+e] -> Tensor[n, grad_dim]."""
+        """g(φ): Tensor[n, m+e] -> Tensor[n, grad_dim]. Per-sample ∇θ1 f1(φ) in one vmap over
+        torch.func.grad (~50 ms for n=2000 on CPU), then block means and L2 normalization (as EE-Net)."""
         params = {k: v.detach() for k, v in self.f1.named_parameters()}
-        f = lambda p, x: functional_call(self.f1, p, (x.unsqueeze(0),)).squeeze()
-        g = vmap(grad(f), in_dims=(None, 0))(params, phi)  # dict of (n, *shape)
+        f1_one = lambda p, x: functional_call(self.f1, p, (x.unsqueeze(0),)).squeeze()
+        g = vmap(grad(f1_one), in_dims=(None, 0))(params, phi)  # dict of (n, *param.shape)
         g = torch.cat([g[k].reshape(phi.shape[0], -1) for k in params], 1)  # (n, P)
-        pad = self.grad_dim * self.block - self.n_params  # zero-pad the last block, then a true mean
-        pool = lambda t: nn.functional.pad(t, (0, pad)).view(-1, self.grad_dim, self.block).sum(2)
-        g = pool(g) / pool(torch.ones(1, self.n_params))  # (n, grad_dim) block means
-        return g * getattr(self, 'gscale', 1.0) / (g.norm(dim=1, keepdim=True) + 1e-12)  # "normalized gradient"
+        pad = self.grad_dim * self.block - self.n_params  # the last block is short: zero-pad, divide by its size
+        pool = lambda t: nn.functional.pad(t, (0, pad)).view(t.shape[0], self.grad_dim, self.block).sum(2)
+        g = pool(g) / pool(torch.ones(1, self.n_params))  # (n, grad_dim)
+        return g / (g.norm(dim=1, keepdim=True) + 1e-12)
 
     @torch.no_grad()
     def _score(self, phi):
-        """(f1, f2, g): Tensor[n] each, and the gradient features Tensor[n, grad_dim]."""
+        """(f1, f2): Tensor[n] each; f2 is zero with explore=False."""
         f1 = self.f1(phi).squeeze(1)
+        if not self.explore:
+            return f1, torch.zeros_like(f1)
         with torch.enable_grad():
             g = self._grad_features(phi)
-        f2 = self.f2(g).squeeze(1) if self.explore else torch.zeros_like(f1)
-        return f1, f2, g
+        return f1, self.f2(g).squeeze(1)
 
+    @_single_thread
     def scores(self, features, embeddings):
         """(f1, f2): Tensor[n] each, for inspection and logging; changes no state. u = f1 + f2."""
-        f1, f2, _ = self._score(self._phi(features, embeddings))
-        return f1, f2
+        return self._score(self._phi(*self._inputs(features, embeddings)))
+
+    @staticmethod
+    def _inputs(*ts):
+        """float32 CPU copies; a NaN/inf (e.g. a −inf log-prob) must not poison the running statistics."""
+        return [torch.nan_to_num(torch.as_tensor(t).detach().float().cpu(), posinf=1e4, neginf=-1e4) for t in ts]
 
     # --- selection (§3.2)
 
+    @_single_thread
     def select(self, features, embeddings):
-        """Pick samples from a pool: features Tensor[n, m], embeddings Tensor[n, e] -> LongTensor of
-        distinct indices. No reward history yet: k-means (k = min(budget, n)) on the embeddings, the
-        sample nearest each centroid. Afterwards: every x with u(x) ≥ threshold, cut to `budget` and
-        padded to `min_budget`, both by top u; returned in descending u.
-        Scores with the statistics the nets were trained with, then folds the pool into the running
-        statistics (pools are unbiased draws of the contexts; the picks are not)."""
+        """Pick from a pool: features Tensor[n, m], embeddings Tensor[n, e] -> LongTensor of distinct indices.
+
+        No reward history yet: k-means (k = min(budget, n)) on the embeddings, the sample nearest each
+        centroid. Afterwards: every x with u(x) ≥ threshold, cut to `budget` and padded to `min_budget`,
+        both by top u, returned in descending u. The pool is scored with the statistics the nets were
+        trained with and then folded into the running statistics (pools are unbiased draws of the
+        contexts; the picks are not)."""
+        features, embeddings = self._inputs(features, embeddings)
         n = features.shape[0]
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long)
         if len(self.hist["rewards"]) == 0:
-            idx = kmeans_pick(embeddings.float(), min(self.budget, n), self.gen)  # round 1
+            idx = kmeans_pick(embeddings, min(self.budget, n), self.gen)  # round 1 [paper: initial clustering]
         else:
-            f1, f2, _ = self._score(self._phi(features, embeddings))
-            u = f1 + f2
+            f1, f2 = self._score(self._phi(features, embeddings))
+            u = f1 + f2  # §3.2: u(x) = f1(φ) + f2(∇f1)
             order = torch.sort(u, descending=True, stable=True).indices
             k = int((u >= self.threshold).sum())
-            k = min(max(min(k, self.budget), self.min_budget), n)  # cut to budget, pad to min_budget
+            k = min(max(min(k, self.budget), self.min_budget), n)  # clip to budget, pad to min_budget
             idx = order[:k]
-        self._fold_stats(torch.cat([features.float(), embeddings.float()], 1))
+        self._fold_stats(torch.cat([features, embeddings], 1))
         return idx
 
-    # --- learning (§3.2 last bullet)
+    # --- learning (§3.2, last bullet)
 
+    @_single_thread
     def update(self, features, embeddings, rewards):
-        """Add the picked samples' (context, reward) pairs and retrain both nets on all history.
-        features Tensor[k, m], embeddings Tensor[k, e], rewards Tensor[k] in [0, 1].
-        As in EE-Net, f2's target is the residual r − f1(φ) of the f1 that made the pick (its
-        out-of-sample error), with g(φ) taken at that f1; both are stored, f1 then trains on (φ, r)."""
-        rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
-        if self.count == 0:  # update before any select: the stats start from these contexts
-            self._fold_stats(torch.cat([features.float(), embeddings.float()], 1))
-        f1, _, g = self._score(self._phi(features, embeddings))
-        new = dict(features=features.float(), embeddings=embeddings.float(), rewards=rewards,
-                   grads=g, residuals=rewards - f1)
+        """Add the picked samples' rewards and retrain both nets on all history (`epochs` epochs each,
+        squared loss, Adam). features Tensor[k, m], embeddings Tensor[k, e], rewards Tensor[k] in [0, 1].
+
+        f1 trains on (φ, r). Then f2 trains on (g(φ), r − f1(φ)) with g and the residual taken at the f1
+        just trained, i.e. the f1 that scores the next pool: f2 learns where that f1 is still off.
+        (EE-Net instead keeps, for each sample, the residual of the f1 that picked it. With 10 epochs
+        over all history per round f1 moves far between rounds, and those stale targets cost ~0.02 mean
+        reward against f1 alone on our linear and nonlinear bandits (6 seeds, every seed worse), where
+        this version is within ±0.01 of f1 alone. An [ours] choice for the README.)"""
+        features, embeddings, rewards = self._inputs(features, embeddings, rewards)
+        if features.shape[0] == 0:
+            return
+        if self.count == 0:  # update() before any select(): the statistics start from these contexts
+            self._fold_stats(torch.cat([features, embeddings], 1))
+        new = dict(features=features, embeddings=embeddings, rewards=rewards.reshape(-1))
         self.hist = {k: torch.cat([self.hist[k], new[k]]) for k in self.hist}
-        phi = self._phi(self.hist["features"], self.hist["embeddings"])  # all history, current stats
-        self._fit(self.f1, self.opt1, phi, self.hist["rewards"])  # f1 on (φ, r)
+        phi = self._phi(self.hist["features"], self.hist["embeddings"])  # (N, m+e), current statistics
+        r = self.hist["rewards"]
+        self._fit(self.f1, self.opt1, phi, r)  # f1 on (φ, r)
         if self.explore:
-            if getattr(self, 'mode', 'a') == 'b':
-                f1n, _, gn = self._score(phi)
-                self._fit(self.f2, self.opt2, gn, self.hist["rewards"] - f1n)
-            else:
-                self._fit(self.f2, self.opt2, self.hist["grads"], self.hist["residuals"])  # f2 on (g, r − f1)
+            with torch.no_grad():
+                f1 = self.f1(phi).squeeze(1)
+            g = self._grad_features(phi)
+            self._fit(self.f2, self.opt2, g, r - f1)  # f2 on (∇f1(φ), r − f1(φ))
 
     def _fit(self, net, opt, x, y):
         """`epochs` epochs of shuffled minibatch Adam on the squared loss."""
-        n = x.shape[0]
         for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=self.gen)
-            for i in range(0, n, self.batch_size):
+            perm = torch.randperm(x.shape[0], generator=self.gen)
+            for i in range(0, x.shape[0], self.batch_size):
                 b = perm[i:i + self.batch_size]
                 loss = ((net(x[b]).squeeze(1) - y[b]) ** 2).mean()
                 opt.zero_grad(set_to_none=True)
@@ -262,7 +290,8 @@ class LearnabilityFilter:
     # --- checkpointing
 
     def state_dict(self):
-        """Everything needed to continue identically (a deep copy)."""
+        """Everything needed to continue identically (a deep copy): nets, optimizers, statistics,
+        history and the RNG state."""
         return copy.deepcopy(dict(config=self.config, f1=self.f1.state_dict(), f2=self.f2.state_dict(),
                                   opt1=self.opt1.state_dict(), opt2=self.opt2.state_dict(),
                                   stats=dict(count=self.count, mean=self.mean, m2=self.m2),
@@ -278,3 +307,91 @@ class LearnabilityFilter:
         self.count, self.mean, self.m2 = sd["stats"]["count"], sd["stats"]["mean"], sd["stats"]["m2"]
         self.hist = sd["hist"]
         self.gen.set_state(sd["rng"])
+
+# -----------------------------------------------------------------------------
+# demo: synthetic contextual bandits whose expected reward μ is known
+
+
+def make_bandit(kind, seed, m=FEATURE_DIM, e=16, blobs=6):
+    """Returns draw(n, gen) -> (features Tensor[n, m], embeddings Tensor[n, e], mu Tensor[n]).
+
+    z ~ N(0, 1) per feature, embeddings from `blobs` Gaussian clusters; the filter sees the features as
+    z · scale + offset (different per feature, so standardization matters).
+    linear:    μ = clip(0.5 + 0.2 a·[z, emb/2], 0, 1)
+    nonlinear: μ = 0.5 + 0.45 cos(1.5 a·[z, emb/2]) tanh(b·[z, emb/2])
+    jackpot:   95% of samples: μ = 0.6 σ(−2 z0); 5%: z1 ≈ 3 (beyond the rest) and μ = 0.95, so a greedy
+               learner that has not seen one has no reason to try them. Over 15 seeds (100..114) the
+               filter and f1 alone tie here (filter − f1 = −0.004 ± 0.012 mean reward, rounds 2..15):
+               f2 does not find the jackpot more often than f1 does.
+    """
+    g = torch.Generator().manual_seed(1000 + seed)
+    offset, scale = 3 * torch.randn(m, generator=g), 0.1 + 4 * torch.rand(m, generator=g)
+    centers = 2 * torch.randn(blobs, e, generator=g)
+    a, b = torch.randn(m + e, generator=g), torch.randn(m + e, generator=g)
+    a, b = a / a.norm(), b / b.norm()
+
+    def draw(n, gen):
+        z = torch.randn(n, m, generator=gen)
+        emb = centers[torch.randint(blobs, (n,), generator=gen)] + torch.randn(n, e, generator=gen)
+        zc = torch.cat([z, emb / 2], 1)  # about unit scale
+        if kind == "linear":
+            mu = (0.5 + 0.2 * zc @ a).clamp(0, 1)
+        elif kind == "nonlinear":
+            mu = 0.5 + 0.45 * torch.cos(1.5 * zc @ a) * torch.tanh(zc @ b)
+        elif kind == "jackpot":
+            jack = torch.rand(n, generator=gen) < 0.05
+            z[jack, 1] = 3 + 0.3 * torch.randn(int(jack.sum()), generator=gen)
+            mu = torch.where(jack, 0.95, 0.6 * torch.sigmoid(-2 * z[:, 0]))
+        else:
+            raise ValueError(kind)
+        return z * scale + offset, emb, mu
+    return draw
+
+
+def run_bandit(kind, policy, seed, rounds=15, pool=300, budget=20, noise=0.1):
+    """Mean μ of the picks per round for policy in {filter, f1, random, oracle}; reward = clip(μ + N(0, noise²))."""
+    draw, gen = make_bandit(kind, seed), torch.Generator().manual_seed(seed)
+    filt = LearnabilityFilter(FEATURE_DIM, 16, budget, budget, seed=seed, explore=(policy == "filter"))
+    out = []
+    for _ in range(rounds):
+        x, emb, mu = draw(pool, gen)
+        if policy in ("filter", "f1"):
+            idx = filt.select(x, emb)
+        elif policy == "random":
+            idx = torch.randperm(pool, generator=gen)[:budget]
+        else:
+            idx = mu.topk(budget).indices
+        r = (mu[idx] + noise * torch.randn(len(idx), generator=gen)).clamp(0, 1)
+        if policy in ("filter", "f1"):
+            filt.update(x[idx], emb[idx], r)
+        out.append(mu[idx].mean().item())
+    return out
+
+
+def demo(seeds=(0, 1, 2), rounds=15):
+    import platform
+    import time
+    print(f"filter.py --demo  torch {torch.__version__}  {platform.processor() or platform.machine()}  "
+          f"{time.strftime('%Y-%m-%d %H:%M')}  seeds {list(seeds)}, pool 300, budget 20, reward noise 0.1")
+    policies = ["filter", "f1", "random", "oracle"]
+    for kind in ["linear", "nonlinear", "jackpot"]:
+        runs = {p: torch.tensor([run_bandit(kind, p, s, rounds) for s in seeds]).mean(0) for p in policies}
+        print(f"\n{kind}: mean expected reward of the picks per round (mean over seeds)")
+        print("round " + "".join(f"{p:>9}" for p in policies))
+        for t in range(rounds):
+            print(f"{t + 1:5d} " + "".join(f"{runs[p][t].item():9.3f}" for p in policies))
+        avg = {p: runs[p][1:].mean().item() for p in policies}  # round 1 is k-means for both learners
+        gap = lambda p: (avg[p] - avg["random"]) / (avg["oracle"] - avg["random"])
+        print("2..%d " % rounds + "".join(f"{avg[p]:9.3f}" for p in policies))
+        print(f"share of the random→oracle gap closed: filter {gap('filter'):.2f}, f1 alone {gap('f1'):.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="run the synthetic bandits and print the table")
+    parser.add_argument("--rounds", type=int, default=15, help="bandit rounds per run")
+    args = parser.parse_args()
+    if args.demo:
+        demo(rounds=args.rounds)
+    else:
+        parser.print_help()

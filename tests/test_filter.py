@@ -1,0 +1,259 @@
+"""Tests of filter.py (spec §3) against independent truths: hand-computed values, a per-sample autograd
+loop, Gaussian blobs with known membership and contextual bandits whose expected reward is known.
+
+Every test seeds its own generators, so the global RNG state left by other tests does not matter.
+The bandit margins below were measured over seeds 0..9 (see the comments); the tests use seeds 0..2.
+"""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import filter as F  # noqa: E402  (the repo module, not the builtin)
+
+M, E = F.FEATURE_DIM, 16
+
+# -----------------------------------------------------------------------------
+# §3.1 / §3.3 helpers against hand-computed values
+
+
+def test_sample_features_hand_computed():
+    # sample 0: y_t 100 chars, log p_s(y_t) = -50, log p_t(y_t) = -20; y_s 50 chars, -10 / -40; y_t right, y_s wrong
+    # sample 1: y_t 10 chars, -1 / -2; y_s 20 chars, -4 / -4; both right
+    f = F.sample_features(logp_s_yt=torch.tensor([-50.0, -1.0]), logp_t_yt=torch.tensor([-20.0, -2.0]),
+                          logp_s_ys=torch.tensor([-10.0, -4.0]), logp_t_ys=torch.tensor([-40.0, -4.0]),
+                          chars_t=torch.tensor([100, 10]), chars_s=torch.tensor([50, 20]),
+                          correct_t=torch.tensor([1, 1]), correct_s=torch.tensor([0, 1]))
+    expect = torch.tensor([[0.5, 0.2, 0.3, 0.2, 0.8, 1.0, 0.0, 4.605170186],
+                           [0.1, 0.2, -0.1, 0.2, 0.2, 1.0, 1.0, 2.302585093]])
+    assert f.shape == (2, F.FEATURE_DIM) and len(F.FEATURE_NAMES) == F.FEATURE_DIM == 8
+    assert f.dtype == torch.float32
+    torch.testing.assert_close(f, expect)
+
+
+def test_learnability_reward_hand_computed():
+    ln2 = 0.6931471805599453
+    r = F.learnability_reward(nll_before=torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0]),
+                              nll_after=torch.tensor([1.0, 2.0 - ln2, 1.5, 2.0 - ln2, 3.0 - 2 * ln2]),
+                              correct=torch.tensor([1, 1, 1, 0, 1]))
+    # no change -> 0; ppl halved -> 0.5; worse -> 0 (clipped); wrong path -> 0; ppl quartered -> 0.75
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.5, 0.0, 0.0, 0.75]))
+
+
+def test_project_embeddings_fixed_and_norm_preserving():
+    h = torch.randn(500, 96, generator=torch.Generator().manual_seed(0))
+    a, b = F.project_embeddings(h, 16, seed=3), F.project_embeddings(h, 16, seed=3)
+    c = F.project_embeddings(h, 16, seed=4)
+    assert a.shape == (500, 16)
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # fixed per seed, different across seeds
+    assert torch.allclose(F.project_embeddings(h[:7], 16, seed=3), a[:7])  # per-row: batch-independent
+    ratio = (a.norm(dim=1) ** 2).mean() / (h.norm(dim=1) ** 2).mean()  # E|Rᵀh|² = |h|² for R ~ N(0, 1/16)
+    assert 0.7 < ratio < 1.3
+    wide = F.project_embeddings(torch.randn(4, 1024), 16, seed=0)  # another model width, same output size
+    assert wide.shape == (4, 16)
+
+# -----------------------------------------------------------------------------
+# §3.2 mechanics
+
+
+def _pool(n, seed, m=M, e=E):
+    g = torch.Generator().manual_seed(seed)
+    return 3 + 2 * torch.randn(n, m, generator=g), torch.randn(n, e, generator=g)
+
+
+def test_gradient_features_match_autograd_loop():
+    filt = F.LearnabilityFilter(M, E, budget=10, min_budget=2, seed=0)
+    x, emb = _pool(40, 1)
+    filt.update(x[:20], emb[:20], torch.rand(20, generator=torch.Generator().manual_seed(2)))
+    phi = filt._phi(x, emb)
+    g = filt._grad_features(phi)
+    P, blk, D = filt.n_params, filt.block, filt.grad_dim
+    assert D <= 256 and (D - 1) * blk < P <= D * blk
+    params = list(filt.f1.parameters())
+    for i in [0, 17, 39]:  # reference: one autograd call per sample, float64 pooling by hand
+        flat = torch.cat([t.reshape(-1) for t in torch.autograd.grad(filt.f1(phi[i:i + 1]).sum(), params)]).double()
+        ref = torch.stack([flat[j * blk:(j + 1) * blk].mean() for j in range(D)])  # last block is shorter
+        ref = ref / ref.norm()
+        torch.testing.assert_close(g[i].double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_exploration_net_learns_the_residual_of_f1():
+    # after update(), f2 is fit to r − f1 on the history: u = f1 + f2 must fit the rewards better than
+    # f1 alone (measured over seeds 0..9: MSE(u) = 0.16–0.45 × MSE(f1)); a sign error or gradient
+    # features unrelated to the samples break this
+    for seed in range(3):
+        filt = F.LearnabilityFilter(M, E, budget=20, min_budget=20, seed=seed)
+        pools = [_pool(200, 100 * seed + t) for t in range(6)]
+        _run(filt, pools, lambda x: (_reward(x) + 0.1 * torch.randn(len(x), generator=filt.gen)).clamp(0, 1))
+        f1, f2 = filt.scores(filt.hist["features"], filt.hist["embeddings"])
+        r = filt.hist["rewards"]
+        assert ((r - f1 - f2) ** 2).mean() < 0.8 * ((r - f1) ** 2).mean(), seed
+
+
+def test_round1_kmeans_picks_one_per_cluster():
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        k, per = 6, 60
+        centers = 10 * torch.randn(k, E, generator=g)  # centers ~57 apart, blob radius ~4: well separated
+        label = torch.arange(k).repeat_interleave(per)
+        emb = centers[label] + torch.randn(k * per, E, generator=g)
+        x = torch.randn(k * per, M, generator=g)
+        perm = torch.randperm(k * per, generator=g)
+        emb, x, label = emb[perm], x[perm], label[perm]
+        idx = F.LearnabilityFilter(M, E, budget=k, min_budget=1, seed=seed).select(x, emb)
+        assert sorted(label[idx].tolist()) == list(range(k)), f"seed {seed}: picks {label[idx].tolist()}"
+        assert len(set(idx.tolist())) == k
+
+
+def test_select_budget_min_budget_threshold():
+    x, emb = _pool(200, 0)
+    rew = torch.rand(200, generator=torch.Generator().manual_seed(1))
+
+    def trained(**kw):
+        filt = F.LearnabilityFilter(M, E, seed=0, **kw)
+        filt.update(x[:50], emb[:50], rew[:50])
+        return filt
+
+    xp, ep = _pool(300, 5)
+    # threshold above every possible u (f1 ≤ 1, f2 ≤ 1): exactly min_budget, the top ones by u
+    filt = trained(budget=30, min_budget=7, threshold=2.5)
+    idx = filt.select(xp, ep)
+    f1, f2 = trained(budget=30, min_budget=7, threshold=2.5).scores(xp, ep)
+    u = f1 + f2
+    assert len(idx) == 7 and torch.equal(idx, torch.sort(u, descending=True, stable=True).indices[:7])
+    # threshold below every u: cut to budget
+    idx = trained(budget=30, min_budget=7, threshold=-2.5).select(xp, ep)
+    assert len(idx) == 30 and len(set(idx.tolist())) == 30
+    # in between: exactly the samples with u >= threshold when their count is within [min_budget, budget]
+    thr = u.sort(descending=True).values[11].item()  # 12 samples at or above
+    idx = trained(budget=30, min_budget=7, threshold=thr).select(xp, ep)
+    assert set(idx.tolist()) == set(torch.nonzero(u >= thr).flatten().tolist()) and len(idx) == 12
+    # a pool smaller than min_budget: everything, once
+    idx = trained(budget=30, min_budget=7, threshold=2.5).select(xp[:4], ep[:4])
+    assert sorted(idx.tolist()) == [0, 1, 2, 3]
+    # round 1 (k-means) on a pool smaller than the budget: everything, once
+    idx = F.LearnabilityFilter(M, E, budget=30, min_budget=7).select(xp[:12], ep[:12])
+    assert sorted(idx.tolist()) == list(range(12))
+    # greedy ablation: u = f1, f2 reported as 0
+    f1, f2 = trained(budget=30, min_budget=7, explore=False).scores(xp, ep)
+    assert torch.all(f2 == 0) and torch.all((f1 >= 0) & (f1 <= 1))
+
+
+def _run(filt, pools, rewards_fn):
+    picks = []
+    for x, emb in pools:
+        idx = filt.select(x, emb)
+        picks.append(idx.tolist())
+        filt.update(x[idx], emb[idx], rewards_fn(x[idx]))
+    return picks
+
+
+def _reward(x):  # a fixed, deterministic reward of the raw features
+    return torch.sigmoid(x[:, 0] - 3 - (x[:, 1] - 3) ** 2 / 4)
+
+
+def test_seed_reproduces_run_and_ignores_global_rng():
+    pools = [_pool(150, 10 + t) for t in range(4)]
+    torch.manual_seed(123)
+    a = _run(F.LearnabilityFilter(M, E, budget=15, min_budget=5, seed=7), pools, _reward)
+    torch.manual_seed(999)
+    torch.rand(1000)  # disturb the global RNG
+    b = _run(F.LearnabilityFilter(M, E, budget=15, min_budget=5, seed=7), pools, _reward)
+    c = _run(F.LearnabilityFilter(M, E, budget=15, min_budget=5, seed=8), pools, _reward)
+    assert a == b
+    assert a != c  # the seed matters
+    for p in a:
+        assert 5 <= len(p) <= 15 and len(set(p)) == len(p)
+
+
+def test_state_dict_round_trip_reproduces_picks():
+    pools = [_pool(150, 20 + t) for t in range(6)]
+    filt = F.LearnabilityFilter(M, E, budget=15, min_budget=5, seed=3)
+    _run(filt, pools[:3], _reward)
+    sd = filt.state_dict()
+    after = _run(filt, pools[3:], _reward)  # the original goes on: select/update x3
+    fresh = F.LearnabilityFilter(M, E, budget=15, min_budget=5, seed=3)
+    _run(fresh, pools[4:], lambda x: 1 - _reward(x))  # give it a different history first
+    fresh.load_state_dict(sd)
+    assert _run(fresh, pools[3:], _reward) == after
+    torch.testing.assert_close(fresh.scores(*pools[0]), filt.scores(*pools[0]), rtol=0, atol=0)
+    with pytest.raises(AssertionError):  # a different configuration refuses the state
+        F.LearnabilityFilter(M, E, budget=16, min_budget=5, seed=3).load_state_dict(sd)
+
+
+def test_select_speed_pool_2000():
+    x, emb = _pool(2000, 0)
+    filt = F.LearnabilityFilter(M, E, budget=64, min_budget=8, seed=0)
+    filt.update(x[:64], emb[:64], _reward(x[:64]))
+    filt.select(x, emb)  # warm-up
+    t0 = time.perf_counter()
+    idx = filt.select(x, emb)
+    dt = time.perf_counter() - t0
+    print(f"\nselect on a pool of 2000: {dt * 1000:.0f} ms")  # ~60 ms on a 2-core CPU; not asserted
+    assert len(idx) == len(set(idx.tolist())) and 8 <= len(idx) <= 64
+
+# -----------------------------------------------------------------------------
+# contextual bandits with known expected reward μ (the oracle picks the top `budget` by μ)
+
+
+def bandit(kind, seed, blobs=5):
+    """draw(n, gen) -> raw features [n, M], embeddings [n, E], μ [n]."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    offset, scale = 3 * torch.randn(M, generator=g), 0.2 + 3 * torch.rand(M, generator=g)
+    centers = 2 * torch.randn(blobs, E, generator=g)
+    a, b = torch.randn(M + E, generator=g), torch.randn(M + E, generator=g)
+    a, b = a / a.norm(), b / b.norm()
+
+    def draw(n, gen):
+        z = torch.randn(n, M, generator=gen)
+        emb = centers[torch.randint(blobs, (n,), generator=gen)] + torch.randn(n, E, generator=gen)
+        zc = torch.cat([z, emb / 2], 1)
+        if kind == "linear":
+            mu = (0.5 + 0.2 * zc @ a).clamp(0, 1)
+        else:  # nonlinear
+            mu = 0.5 + 0.45 * torch.cos(1.5 * zc @ a) * torch.tanh(zc @ b)
+        return z * scale + offset, emb, mu
+    return draw
+
+
+def play(kind, seed, policy, rounds=10, n=300, budget=20, noise=0.1):
+    """Mean μ of the picks over rounds 2..rounds (round 1 is k-means for the learners)."""
+    draw, gen = bandit(kind, seed), torch.Generator().manual_seed(seed)
+    filt = F.LearnabilityFilter(M, E, budget, budget, seed=seed, explore=(policy == "filter"))
+    out = []
+    for _ in range(rounds):
+        x, emb, mu = draw(n, gen)
+        if policy == "random":
+            idx = torch.randperm(n, generator=gen)[:budget]
+        elif policy == "oracle":
+            idx = mu.topk(budget).indices
+        else:
+            idx = filt.select(x, emb)
+            assert len(idx) == budget  # min_budget = budget: always a full set
+        if policy in ("filter", "f1"):
+            filt.update(x[idx], emb[idx], (mu[idx] + noise * torch.randn(budget, generator=gen)).clamp(0, 1))
+        out.append(mu[idx].mean().item())
+    return sum(out[1:]) / len(out[1:])
+
+
+# No test claims that f1 + f2 beats f1 alone on a bandit built to trap a greedy learner: on the traps
+# we built (filter.make_bandit "jackpot" and variants) it does not, over 15 seeds (−0.004 ± 0.012).
+#
+# Measured over seeds 0..9 (rounds 2..10, pool 300, budget 20, 2-core CPU):
+#   linear:    filter − random ≥ 0.27 on every seed, share of the random→oracle gap 0.82–0.93;
+#   nonlinear: filter − random ≥ 0.11 on every seed, share 0.33–0.60;
+#   filter − f1 alone: linear −0.011…+0.004, nonlinear −0.031…+0.021 per seed.
+@pytest.mark.parametrize("kind,min_gain,min_share", [("linear", 0.20, 0.75), ("nonlinear", 0.07, 0.30)])
+def test_bandit_filter_beats_random_and_nears_oracle(kind, min_gain, min_share):
+    res = {p: [play(kind, s, p) for s in range(3)] for p in ["filter", "f1", "random", "oracle"]}
+    mean = {p: sum(v) / len(v) for p, v in res.items()}
+    share = (mean["filter"] - mean["random"]) / (mean["oracle"] - mean["random"])
+    print(f"\n{kind}: " + " ".join(f"{p}={v:.3f}" for p, v in mean.items()) + f" share of gap={share:.2f}")
+    for s in range(3):  # clearly above random on every seed
+        assert res["filter"][s] - res["random"][s] > min_gain, (s, res)
+    assert share > min_share, mean
+    # adding the exploration net costs at most a little against f1 alone (a broken f2 costs more)
+    assert mean["filter"] > mean["f1"] - 0.02, mean
