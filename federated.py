@@ -30,7 +30,7 @@ import torch
 BASE = dict(
     rounds=5, pool_size=256, budget=64, min_budget=8, threshold=0.5, filter_epochs=10, embed_dim=16,
     alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
-    local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=1e-3, lr_llm=5e-4,
+    local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
     gen_temperature=0.7, max_new_tokens=320, max_len=640, eval_batch=128,
     # data (spec §1, §6): generated testbed sizes
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
@@ -42,8 +42,7 @@ PRESETS = {
     "default": dict(),
     "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
                 n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
-                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320,
-                lr=2e-3, lr_llm=1e-3),
+                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
