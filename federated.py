@@ -51,7 +51,7 @@ PRESETS = {
 # party sizes: (zoo name, tokenizer); hetero SLMs differ in architecture, size and tokenizer
 PARTIES = {
     "gpu": dict(llm=("llama-26m", ("bpe", 2048)), mid=("llama-8m", ("bpe", 2048)),
-                hetero=[("qwen2-3m", ("bpe", 1024)), ("gpt2-2m", ("bpe", 512)), ("llama-1m", ("char",))]),
+                hetero=[("qwen2-3m", ("bpe", 640)), ("gpt2-2m", ("bpe", 400)), ("llama-1m", ("char",))]),
     "cpu": dict(llm=("llama-cpu-l", ("bpe", 1024)), mid=("llama-cpu-m", ("bpe", 1024)),
                 hetero=[("qwen2-cpu-s", ("bpe", 384)), ("gpt2-cpu-s", ("bpe", 320)), ("llama-cpu-s", ("char",))]),
     "smoke": dict(llm=("llama-tiny", ("bpe", 300)), mid=("llama-tiny", ("bpe", 300)),
