@@ -315,7 +315,7 @@ def run(cfg):
     if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
         for k, n in enumerate(slms):
             mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"],
-                                              cfg["threshold"], epochs=cfg["filter_epochs"], seed=s)
+                                              cfg["threshold"], epochs=cfg["filter_epochs"], seed=s, reward_scale="q90")
             filters[f"down/{n}"] = mk(cfg["seed"] * 100 + 2 * k)
             if not frozen_llm:
                 filters[f"up/{n}"] = mk(cfg["seed"] * 100 + 2 * k + 1)

@@ -139,6 +139,10 @@ class LearnabilityFilter:
     f1(φ; θ1) ∈ [0, 1] predicts the reward; f2(g(φ); θ2) ∈ [−1, 1] predicts the residual r − f1(φ), where
     g(φ) = ∇θ1 f1(φ), block-mean-pooled to ≤ grad_dim entries and scaled to unit L2 norm.
     Score u = f1 + f2, or u = f1 with explore=False (the greedy ablation).
+    reward_scale="q90": the nets learn r / q90(positive rewards so far), clipped to 1, so that the
+    fixed threshold means "a gain near the best seen" whatever the scale of the raw rewards (the
+    learnability gains of one round of distillation are a few percent; raw, no prediction ever
+    reaches 0.5 and every pick falls back to min_budget).
 
     Once per round: idx = filt.select(features, embeddings); ...distil on idx...;
     filt.update(features[idx], embeddings[idx], rewards).
@@ -146,11 +150,12 @@ class LearnabilityFilter:
     """
 
     def __init__(self, feature_dim, embed_dim, budget, min_budget, threshold=0.5, hidden=64, epochs=10,
-                 seed=0, lr=1e-2, grad_dim=256, batch_size=32, explore=True):
+                 seed=0, lr=1e-2, grad_dim=256, batch_size=32, explore=True, reward_scale=None):
         assert 1 <= min_budget <= budget, "need 1 <= min_budget <= budget"
+        assert reward_scale in (None, "q90"), "reward_scale: None or 'q90'"
         self.config = dict(feature_dim=feature_dim, embed_dim=embed_dim, budget=budget, min_budget=min_budget,
                            threshold=threshold, hidden=hidden, epochs=epochs, seed=seed, lr=lr,
-                           grad_dim=grad_dim, batch_size=batch_size, explore=explore)
+                           grad_dim=grad_dim, batch_size=batch_size, explore=explore, reward_scale=reward_scale)
         self.budget, self.min_budget, self.threshold = budget, min_budget, threshold
         self.epochs, self.batch_size, self.explore = epochs, batch_size, explore
         self.gen = torch.Generator().manual_seed(seed)  # the filter's only RNG: init, k-means, shuffles
@@ -269,6 +274,8 @@ class LearnabilityFilter:
         self.hist = {k: torch.cat([self.hist[k], new[k]]) for k in self.hist}
         phi = self._phi(self.hist["features"], self.hist["embeddings"])  # (N, m+e), current statistics
         r = self.hist["rewards"]
+        if self.config.get("reward_scale") == "q90" and (r > 0).any():  # rescale to the history's own range
+            r = (r / torch.quantile(r[r > 0], 0.9)).clamp(0, 1)
         self._fit(self.f1, self.opt1, phi, r)  # f1 on (φ, r)
         if self.explore:
             with torch.no_grad():

@@ -257,3 +257,24 @@ def test_bandit_filter_beats_random_and_nears_oracle(kind, min_gain, min_share):
     assert share > min_share, mean
     # adding the exploration net costs at most a little against f1 alone (a broken f2 costs more)
     assert mean["filter"] > mean["f1"] - 0.02, mean
+
+
+def test_reward_scale_q90_keeps_the_threshold_meaningful_for_small_rewards():
+    # learnability gains of one round are a few percent: raw, f1 never predicts 0.5 and every round falls
+    # back to min_budget; rescaled to the history's q90, the filter picks up to `budget` and picks well
+    budget, min_budget, pool = 20, 4, 300
+    sizes, quality = {}, {}
+    for scale in (None, "q90"):
+        draw, gen = F.make_bandit("linear", 0), torch.Generator().manual_seed(0)
+        filt = F.LearnabilityFilter(M, E, budget, min_budget, seed=0, reward_scale=scale)
+        n, mus = [], []
+        for _ in range(8):
+            x, emb, mu = draw(pool, gen)
+            idx = filt.select(x, emb)
+            n.append(len(idx))
+            mus.append(mu[idx].mean().item() - mu.mean().item())  # how much better than the pool's mean
+            filt.update(x[idx], emb[idx], 0.03 * mu[idx])  # rewards of a few percent
+        sizes[scale], quality[scale] = n[2:], sum(mus[2:]) / len(mus[2:])
+    assert all(k == min_budget for k in sizes[None])  # the raw scale degenerates to min_budget
+    assert sum(sizes["q90"]) / len(sizes["q90"]) > 2 * min_budget  # rescaled: real selections
+    assert quality["q90"] > 0.1  # ... of samples clearly better than the pool on average
