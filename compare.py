@@ -153,6 +153,12 @@ def main(argv=None):
     md = tables(res_dir)
     (res_dir / "tables.md").write_text(md + "\n")
     plot(res_dir)
+    readme = ROOT / "README.md"  # the tables also go between the README's markers for this preset
+    begin, end = f"<!-- tables:{args.preset}:begin -->", f"<!-- tables:{args.preset}:end -->"
+    text = readme.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
 
 
