@@ -369,6 +369,9 @@ def run(cfg):
                 if alloc == "fedmkt":
                     pool_msg["nll_gold_llm"] = gold_nll(cfg, models["llm"], toks["llm"], pool)
                 llm_side = []  # what the server learns, per client: (name, samples for the LLM, reward inputs)
+                if not frozen_llm:  # the server's embedding of each pooled question (F_k^up's context)
+                    emb_up = project_embeddings(mean_hidden(models["llm"], toks["llm"], [data_mod.format_prompt(x) for x in qs],
+                                                            cfg["eval_batch"], dev), cfg["embed_dim"], cfg["seed"])
                 for k, n in enumerate(slms):
                     try:
                         msg = send(pool_msg, "pool", traffic, "down")
@@ -414,8 +417,6 @@ def run(cfg):
                         if not frozen_llm:
                             feats_up = sample_features(lp_llm_yk, up["logp_slm_yslm"], lp_llm_yllm, up["logp_slm_yllm"],
                                                        len_k, len_llm, c_k, c_llm)
-                            emb_up = project_embeddings(mean_hidden(models["llm"], toks["llm"], [data_mod.format_prompt(x) for x in qs],
-                                                                    cfg["eval_batch"], dev), cfg["embed_dim"], cfg["seed"])
                             B = allocate(alloc, filters.get(f"up/{n}"), feats_up, emb_up, up.get("nll_gold_slm"),
                                          msg.get("nll_gold_llm"), cfg, rng)
                             q_up = teacher_targets(up["logp_slm_yslm"], up["logp_slm_yllm"], len_k, len_llm, c_k, c_llm, cfg["tau"])
