@@ -88,10 +88,15 @@ def tables(res_dir: Path) -> str:
     gap = sorted((res_dir / "gap").glob("*.json"))
     if gap:
         md += ["\n**Learnability gap** (one2one: the smallest SLM distilled from a mid-size or the large LLM; "
-               "final SLM accuracy %, mean ± std)\n", "| LLM | no filter (lada-loss) | filter (lada) |", "|---|---|---|"]
+               "final SLM accuracy %, mean ± std)\n",
+               "| LLM | parameters | LLM after warm-up | SLM after warm-up | no filter (lada-loss) | filter (lada) |",
+               "|---|---|---|---|---|---|"]
         for size in ("mid", "large"):
-            cell = lambda m: fmt([final(json.loads(p.read_text()))["slm1"] for p in gap if p.name.startswith(f"{size}-{m}-s")])
-            md.append(f"| {size} | {cell('lada-loss')} | {cell('lada')} |")
+            rs = {m: [json.loads(p.read_text()) for p in gap if p.name.startswith(f"{size}-{m}-s")] for m in ("lada-loss", "lada")}
+            r0 = rs["lada"][0] if rs["lada"] else rs["lada-loss"][0]
+            cell = lambda m: fmt([final(r)["slm1"] for r in rs[m]])
+            md.append(f"| {size} | {r0['parties']['llm']['params'] / 1e6:.2f} M | {100 * r0['initial']['llm']:.0f}% | "
+                      f"{100 * r0['initial']['slm1']:.0f}% | {cell('lada-loss')} | {cell('lada')} |")
     return "\n".join(md)
 
 
@@ -113,6 +118,8 @@ def plot(res_dir: Path, scenario="hetero"):
         llm = [statistics.mean(a[i]["llm"] for a in accs) for i in range(n)]
         axes[0].plot(range(n), [100 * x for x in slm], marker="o", label=m)
         axes[1].plot(range(n), [100 * x for x in llm], marker="o", label=m)
+        for ax in axes:
+            ax.set_xticks(range(n))
     for ax, t in zip(axes, ("SLMs (mean of own test sets)", "LLM (public test set)")):
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{scenario}: {t}")
     axes[0].legend(fontsize=7)
