@@ -281,11 +281,25 @@ def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rn
     return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
 
 
+def reward_and_update(cfg, model, tok, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
+    """Spec §2 step 7 / §3.3: the student re-scores the sent paths it trained on; the rewards update
+    its filter (when it has one). Returns the mean reward."""
+    from distill import score_paths
+    from filter import learnability_reward
+
+    lp_after, n_after = score_paths(model, tok, [qs[i] for i in idx], [paths[i] for i in idx],
+                                    cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
+    r = learnability_reward(-lp_before[idx] / n_before[idx], -lp_after / n_after, correct[idx])
+    if filt is not None:
+        filt.update(feats[idx], emb[idx], r)
+    return float(r.mean())
+
+
 def run(cfg):
     import data as data_mod
     import eval as ev
     from distill import distill, local_sft, score_paths, teacher_targets
-    from filter import FEATURE_DIM, LearnabilityFilter, learnability_reward, project_embeddings, sample_features
+    from filter import FEATURE_DIM, LearnabilityFilter, project_embeddings, sample_features
     from models import mean_hidden
 
     out = Path(cfg["out"])
@@ -405,12 +419,8 @@ def run(cfg):
                         losses.update({f"{key}/{n}": v for key, v in st.items() if key not in ("steps", "n")})
                         # --- 7. rewards: what S_k learned of y_L, and the filter's update
                         if A:
-                            lp_after, n_after = score_paths(models[n], toks[n], [qs[i] for i in A], [y_llm[i] for i in A],
-                                                            cfg["distill_batch"] * 2, dev, cfg["max_len"])
-                            r = learnability_reward(-lp_k_yllm[A] / n_k_yllm[A], -lp_after / n_after, c_llm[A])
-                            rewards[f"down/{n}"] = float(r.mean())
-                            if f"down/{n}" in filters:
-                                filters[f"down/{n}"].update(feats[A], emb[A], r)
+                            rewards[f"down/{n}"] = reward_and_update(cfg, models[n], toks[n], qs, y_llm, A, lp_k_yllm, n_k_yllm,
+                                                                     c_llm, filters.get(f"down/{n}"), feats, emb)
                         selected[f"down/{n}"] = len(A)
 
                         # --- 5'. allocation on the server: F_k^up picks B_k (student L, teacher S_k)
@@ -436,12 +446,8 @@ def run(cfg):
                     for n, _, B, feats_up, emb_up, lp_before, n_before, c_k, y_k in llm_side:
                         if not B:
                             continue
-                        lp_after, n_after = score_paths(models["llm"], toks["llm"], [qs[i] for i in B], [y_k[i] for i in B],
-                                                        cfg["distill_batch"] * 2, dev, cfg["max_len"])
-                        r = learnability_reward(-lp_before[B] / n_before[B], -lp_after / n_after, c_k[B])
-                        rewards[f"up/{n}"] = float(r.mean())
-                        if f"up/{n}" in filters:
-                            filters[f"up/{n}"].update(feats_up[B], emb_up[B], r)
+                        rewards[f"up/{n}"] = reward_and_update(cfg, models["llm"], toks["llm"], qs, y_k, B, lp_before, n_before,
+                                                               c_k, filters.get(f"up/{n}"), feats_up, emb_up)
 
         # --- evaluation, log, checkpoint
         acc, strict = evaluate_all()
