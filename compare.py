@@ -7,8 +7,8 @@
 Each run is `federated.py` with one (scenario, method, seed); its results.json is copied to
 results/<preset>/<scenario>/<method>-s<seed>.json (committed), so the tables and the plot are
 regenerated from those files alone. A run whose file exists is skipped: an interrupted comparison
-continues where it stopped. Hyperparameters are the spec's defaults, not tuned; nothing is chosen on
-a test set. The seeds vary the rounds (pool draws, sampled paths, filter initialization); the data
+continues where it stopped. Hyperparameters are the spec's defaults, untuned (the README discloses
+the one exception, the round learning rate). The seeds vary the rounds (pool draws, sampled paths, filter initialization); the data
 and the warmed-up models are shared (`--data_seed 0`), so the spread over seeds measures the
 federated phase alone.
 """
