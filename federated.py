@@ -5,7 +5,7 @@
     python federated.py --scenario hetero --preset cpu       # reduced sizes that learn on a CPU
     python federated.py --scenario homo --method fedmkt      # a baseline (local, fedmkt, random, ...)
     python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH   # local checkpoints, real data
-    python federated.py --out runs/x --resume                # continue an interrupted run
+    python federated.py --scenario hetero --smoke --resume   # continue an interrupted run (same flags)
 
 One loop serves every scenario and method (the two tables of spec §2): a method is a choice of
 allocation (none, fedmkt's rule, random, the LaDa filter, all) and of loss (sft, dard).
