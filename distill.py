@@ -130,6 +130,14 @@ def sft_loss(model, enc) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # The training step used by the federated loop
 
+def optimizer_step(model, opt, loss):
+    """Backward, clip the gradient norm to 1, step: the update every training loop here makes."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def local_batch_loss(model, tokenizer, local_data, batch_size, rng, device, max_len=None):
     """L_local of spec §4: SFT on a random batch of the student's own local data."""
     batch = rng.sample(local_data, min(batch_size, len(local_data)))
@@ -185,10 +193,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
                 raise ValueError(f"unknown loss '{loss}'")
             l_local = local_batch_loss(model, tokenizer, local_data, bs, rng, device, max_len) if lam > 0 else 0.0
             total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            optimizer_step(model, opt, total)
             steps += 1
             for k, v in (("loss", total), (loss, l_main), ("local", l_local)):
                 totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
@@ -204,10 +209,7 @@ def local_sft(model, tokenizer, opt, local_data, steps, batch_size, rng, device=
     tot = 0.0
     for _ in range(steps):
         loss = local_batch_loss(model, tokenizer, local_data, batch_size, rng, device, max_len)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(model, opt, loss)
         tot += loss.item()
     model.eval()
     return tot / steps

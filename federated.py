@@ -248,24 +248,27 @@ def write_report(out, results):
 # -----------------------------------------------------------------------------
 # One party's view of the pool: its paths, their scores, correctness
 
+def score(cfg, model, tok, questions, paths):
+    """(summed log-probs, token counts) of each path under `model` (distill.score_paths with the run's sizes)."""
+    from distill import score_paths
+
+    return score_paths(model, tok, questions, paths, cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
+
+
 def paths_and_scores(cfg, model, tok, questions, seed):
     """A sampled path for each question (temperature gen_temperature) and its summed log-prob."""
     from data import format_prompt
-    from distill import score_paths
     from eval import generate
 
     ys = generate(model, tok, [format_prompt(q) for q in questions], max_new_tokens=cfg["max_new_tokens"],
                   temperature=cfg["gen_temperature"], batch_size=cfg["eval_batch"], seed=seed, device=cfg["device"])
-    lp, n = score_paths(model, tok, questions, ys, cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
+    lp, n = score(cfg, model, tok, questions, ys)
     return ys, lp, n
 
 
 def gold_nll(cfg, model, tok, pool):
     """Per-character NLL of each gold solution (FedMKT's selective rule, compared across tokenizers)."""
-    from distill import score_paths
-
-    lp, _ = score_paths(model, tok, [p["question"] for p in pool], [p["answer"] for p in pool],
-                        cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
+    lp, _ = score(cfg, model, tok, [p["question"] for p in pool], [p["answer"] for p in pool])
     return -lp / torch.tensor([max(1, len(p["answer"])) for p in pool], dtype=torch.float32)
 
 
@@ -284,11 +287,9 @@ def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rn
 def reward_and_update(cfg, model, tok, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
     """Spec §2 step 7 / §3.3: the student re-scores the sent paths it trained on; the rewards update
     its filter (when it has one). Returns the mean reward."""
-    from distill import score_paths
     from filter import learnability_reward
 
-    lp_after, n_after = score_paths(model, tok, [qs[i] for i in idx], [paths[i] for i in idx],
-                                    cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
+    lp_after, n_after = score(cfg, model, tok, [qs[i] for i in idx], [paths[i] for i in idx])
     r = learnability_reward(-lp_before[idx] / n_before[idx], -lp_after / n_after, correct[idx])
     if filt is not None:
         filt.update(feats[idx], emb[idx], r)
@@ -298,7 +299,7 @@ def reward_and_update(cfg, model, tok, qs, paths, idx, lp_before, n_before, corr
 def run(cfg):
     import data as data_mod
     import eval as ev
-    from distill import distill, local_sft, score_paths, teacher_targets
+    from distill import distill, local_sft, teacher_targets
     from filter import FEATURE_DIM, LearnabilityFilter, project_embeddings, sample_features
     from models import mean_hidden
 
@@ -392,13 +393,13 @@ def run(cfg):
                         # --- 3. client k -> server: its own paths and its scores of both paths
                         y_k, lp_k_yk, n_k_yk = paths_and_scores(cfg, models[n], toks[n], msg["questions"],
                                                                 cfg["seed"] * 10**6 + 1000 * (k + 1) + rnd)
-                        lp_k_yllm, n_k_yllm = score_paths(models[n], toks[n], qs, msg["y_llm"], cfg["distill_batch"] * 2, dev, cfg["max_len"])
+                        lp_k_yllm, n_k_yllm = score(cfg, models[n], toks[n], qs, msg["y_llm"])
                         up = {"y_slm": y_k, "logp_slm_yslm": lp_k_yk, "logp_slm_yllm": lp_k_yllm}
                         if alloc == "fedmkt":
                             up["nll_gold_slm"] = gold_nll(cfg, models[n], toks[n], pool)
                         up = send(up, "client_paths", traffic, "up")
                         # --- 4. server -> client k: the LLM's score of the client's paths
-                        lp_llm_yk, n_llm_yk = score_paths(models["llm"], toks["llm"], qs, up["y_slm"], cfg["distill_batch"] * 2, dev, cfg["max_len"])
+                        lp_llm_yk, n_llm_yk = score(cfg, models["llm"], toks["llm"], qs, up["y_slm"])
                         down = send({"logp_llm_yslm": lp_llm_yk}, "llm_score", traffic, "down")
                         c_k = torch.tensor([float(ev.is_correct(y, g)) for y, g in zip(y_k, gold)])
                         len_llm = torch.tensor([len(y) for y in y_llm], dtype=torch.float32)

@@ -196,7 +196,7 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     """`steps` AdamW steps of SFT on (question, gold solution) pairs; returns the mean loss of the last 20."""
     import random
 
-    from distill import encode_pairs, sft_loss
+    from distill import local_batch_loss, optimizer_step
 
     rng = random.Random(seed)
     model.to(device).train()
@@ -204,14 +204,8 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
     losses = []
     for _ in (bar := tqdm(range(steps), desc=desc, leave=False, disable=None)):  # no bar off a terminal
-        batch = rng.sample(examples, min(batch_size, len(examples)))
-        enc = encode_pairs(tokenizer, [e["question"] for e in batch], [e["answer"] for e in batch],
-                           max_len=max_len, device=device)
-        loss = sft_loss(model, enc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = local_batch_loss(model, tokenizer, examples, batch_size, rng, device, max_len)
+        optimizer_step(model, opt, loss)
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
