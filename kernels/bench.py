@@ -28,15 +28,17 @@ Results go to a CSV (--out) with device, versions, date and commit; kernels/BENC
 import argparse
 import csv
 import datetime
+import importlib
 import os
 import subprocess
 import time
 
 import torch
 
-from . import seq_logprob as _slp
 from .dard_loss import _DardLossFunction, dard_loss_reference
 from .seq_logprob import _INTERPRETED, HAS_TRITON, _SeqLogprobFunction, seq_logprob_reference, triton
+
+_slp = importlib.import_module(__package__ + ".seq_logprob")  # the module (kernels.seq_logprob is the function)
 
 SHAPES = {  # (tokens, vocab, hidden)
     "small": [(256, 4096, 128), (64, 512, 64)],  # CPU-sized; the second is for interpreted Triton
@@ -90,7 +92,12 @@ def make_provider(name, device, dard):
             from cut_cross_entropy import linear_cross_entropy
 
             eps = {} if name == "cce" else dict(filter_eps=None)
-            return lambda h, w, y: -linear_cross_entropy(h, w, y, reduction="none", **eps).float().view(y.shape).sum(1)
+
+            def cce(h, w, y):  # row sums by a product: CCE's backward views its gradient, which must be dense
+                loss = linear_cross_entropy(h, w, y, reduction="none", **eps).float().view(y.shape)
+                return -(loss @ torch.ones(y.shape[1], 1, device=loss.device)).squeeze(1)
+
+            return cce
     except ImportError as e:
         return f"not installed ({e.name})"
     raise ValueError(f"unknown provider {name}")
@@ -115,10 +122,12 @@ def rel_err(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-def timed(fn, device, reps, setup=lambda: None):
+def timed(fn, device, reps, setup=lambda: None, reset=lambda: None):
     """Median time (ms) of fn(setup()) over `reps` runs after a warm-up (setup untimed), and the
-    peak memory (MB) above what was allocated before the runs (CUDA only)."""
+    peak memory (MB) above what was allocated before the runs (CUDA only), taken after reset()
+    (which drops what the warm-up left behind, e.g. gradients)."""
     fn(setup())
+    reset()
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
@@ -188,9 +197,12 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
         grad_mb = (hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()) / 2**20
         hidden.grad = weight.grad = None
         del out
-        t_f, m_f = timed(fwd, device, reps)
+        def drop_grads():
+            hidden.grad = weight.grad = None
+
+        t_f, m_f = timed(fwd, device, reps, reset=drop_grads)
         t_b, _ = timed(lambda out: out.backward(g), device, reps, setup=fwd)
-        t_fb, m_fb = timed(lambda _: fwd().backward(g), device, reps)
+        t_fb, m_fb = timed(lambda _: fwd().backward(g), device, reps, reset=drop_grads)
     except torch.OutOfMemoryError:
         return dict(row, note="OOM")
     except Exception as e:  # a peer's API change or a compiler failure: report, keep going

@@ -91,7 +91,7 @@ class _DardLossFunction(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         coef = (coef_row * grad_loss.float())[row]  # per token: ∂loss/∂logps[row(i)] · grad_output
         gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
-        gh = gh.view(ctx.hidden_shape).to(h2d.dtype) if need_dh else None
+        gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
         return gh, gw, None, None, None, None, None, None
 

@@ -156,25 +156,19 @@ def _seq_logprob_fwd(
 
 
 @triton.jit
-def _seq_logprob_bwd(
+def _dlogits_kernel(
     H, W,  # hidden (N, d), weight (V, d)
     TOK, LAB,  # int64 (n,) unmasked tokens' rows of H and targets, as in the forward
     LSE,  # fp32 (n,) log-sum-exp saved by the forward
     COEF,  # fp32 (n,) c_i = ∂L/∂logp_i
-    GH, GW,  # fp32 (N, d) and (V, d) gradient accumulators, zero-initialized, updated atomically
-    n_tok, V, D,
-    stride_h, stride_w, stride_gh, stride_gw,
+    DZ,  # (n, >= n_cols) out, hidden's dtype: d_logits of this vocabulary chunk
+    n_tok, V, D, v0, n_cols,  # the chunk is vocabulary ids v0 .. v0 + n_cols - 1
+    stride_h, stride_w, stride_dz,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,  # skip the gradient nobody asked for
 ):
-    # grid = (token blocks, vocabulary blocks), one d_logits tile per program: each tile adds its
-    # share to GH (summed over the V/BLOCK_V vocabulary blocks) and GW (over the n/BLOCK_T token
-    # blocks) with fp32 atomics, as Cut Cross-Entropy does. No extra memory beyond the two fp32
-    # accumulators, but n·V·d·(1/BLOCK_V + 1/BLOCK_T) atomic adds (~80 G for 8192 × 152k × 4096)
-    # and a run-to-run varying summation order (last bits only). Alternatives: a (chunk, V)
-    # d_logits buffer + cuBLAS (Liger; deterministic, more memory) or CCE's skipping of tiles
-    # whose softmax is below bf16 resolution (approximate). Measure with kernels/bench.py.
+    # grid = (token blocks, vocabulary blocks of the chunk): recompute one logit tile in fp32,
+    # turn it into d_logits with the saved lse, store it once in 16 bits; cuBLAS does the rest
     pid_t = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -182,28 +176,18 @@ def _seq_logprob_bwd(
     rows = tl.load(TOK + offs_t, mask=t_mask, other=0)
     lab = tl.load(LAB + offs_t, mask=t_mask, other=-1)
     lse = tl.load(LSE + offs_t, mask=t_mask, other=0.0)
-    coef = tl.load(COEF + offs_t, mask=t_mask, other=0.0)  # padding rows get zero gradient
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_mask = cols < V
+    coef = tl.load(COEF + offs_t, mask=t_mask, other=0.0)
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
+    cols = v0 + offs_c
+    v_mask = (offs_c < n_cols) & (cols < V)
 
     z = _logit_block(H, W, rows, t_mask, cols, v_mask, D, stride_h, stride_w,
                      BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, DOT_FP32)
-    p = tl.where(v_mask[None, :], tl.exp(z - lse[:, None]), 0.0)  # softmax, recomputed
+    p = tl.exp(z - lse[:, None])  # softmax, recomputed
     onehot = tl.where(cols[None, :] == lab[:, None], 1.0, 0.0)
-    dz = (coef[:, None] * (onehot - p)).to(H.dtype.element_ty)  # (BLOCK_T, BLOCK_V) d_logits
-
-    for k in range(0, D, BLOCK_D):
-        offs_d = k + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        h_mask, w_mask = t_mask[:, None] & d_mask[None, :], v_mask[:, None] & d_mask[None, :]
-        if COMPUTE_DH:  # GH[rows] += dz @ w[cols]
-            w = tl.load(W + cols[:, None] * stride_w + offs_d[None, :], mask=w_mask, other=0.0)
-            gh = _dot(dz, w, None, PRECISION, DOT_FP32)  # (BLOCK_T, BLOCK_D)
-            tl.atomic_add(GH + rows[:, None] * stride_gh + offs_d[None, :], gh, mask=h_mask, sem="relaxed")
-        if COMPUTE_DW:  # GW[cols] += dzᵀ @ h[rows]
-            h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :], mask=h_mask, other=0.0)
-            gw = _dot(tl.trans(dz), h, None, PRECISION, DOT_FP32)  # (BLOCK_V, BLOCK_D)
-            tl.atomic_add(GW + cols[:, None] * stride_gw + offs_d[None, :], gw, mask=w_mask, sem="relaxed")
+    dz = coef[:, None] * (onehot - p)
+    tl.store(DZ + offs_t[:, None] * stride_dz + offs_c[None, :], dz.to(DZ.dtype.element_ty),
+             mask=t_mask[:, None] & v_mask[None, :])
 
 
 # -----------------------------------------------------------------------------
@@ -275,20 +259,41 @@ def triton_token_fwd(h2d, weight, tok, lab):
     return tgt_part.sum(0) - lse, lse
 
 
-def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True):
-    """fp32 gradients (N, d) and (V, d) for per-token upstream gradients coef (n,); None if not needed."""
-    n, (V, D) = tok.numel(), weight.shape
-    gh = torch.zeros(h2d.shape, dtype=torch.float32, device=h2d.device) if need_dh else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=h2d.device) if need_dw else None
+DZ_FRACTION = 16  # the backward's (n, C) d_logits buffer holds at most V·d / 16 entries (1/16 of grad_weight)
+
+
+def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True, chunk_cols=None):
+    """Gradients (N, d) and (V, d) in h2d's dtype for per-token upstream gradients coef (n,); None
+    where not needed. The vocabulary is walked in chunks of C columns (default: the largest multiple
+    of BLOCK_V with n·C ≤ V·d / DZ_FRACTION): a Triton kernel recomputes the chunk's logits in fp32
+    and writes its d_logits once in 16 bits; cuBLAS writes grad_weight[chunk] = d_logitsᵀ @ h (one
+    product over all tokens, rounded once) and adds d_logits @ weight[chunk] into an fp32 (n, d)
+    grad_hidden accumulator. Extra memory: the buffer, the accumulator and one (n, d) product."""
+    N, (V, D), n = h2d.shape[0], weight.shape, tok.numel()
+    gh = torch.zeros(h2d.shape, dtype=h2d.dtype, device=h2d.device) if need_dh else None
+    gw = torch.zeros(weight.shape, dtype=weight.dtype, device=h2d.device) if need_dw else None
     if n == 0 or not (need_dh or need_dw):
         return gh, gw
     cfg, _ = _launch_config(h2d)
-    grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(V, cfg["BLOCK_V"]))
-    dummy = lse  # placeholder pointer for a gradient that is not computed
-    _seq_logprob_bwd[grid](
-        h2d, weight, tok, lab, lse, coef.float().contiguous(), gh if need_dh else dummy, gw if need_dw else dummy,
-        n, V, D, h2d.stride(0), weight.stride(0), D, D, COMPUTE_DH=need_dh, COMPUTE_DW=need_dw, **cfg
-    )
+    BT, BV = cfg["BLOCK_T"], cfg["BLOCK_V"]
+    h = h2d if n == N else h2d[tok]  # (n, d) the unmasked tokens (tok is sorted and unique)
+    cols = chunk_cols or V * D // (DZ_FRACTION * n)
+    cols = min(max(BV, cols // BV * BV), triton.cdiv(V, BV) * BV)
+    dz = torch.empty(n, cols, dtype=h2d.dtype, device=h2d.device)
+    gh_acc = torch.zeros(n, D, dtype=torch.float32, device=h2d.device) if need_dh else None
+    coef = coef.float().contiguous()
+    for v0 in range(0, V, cols):
+        c = min(cols, V - v0)
+        _dlogits_kernel[(triton.cdiv(n, BT), triton.cdiv(c, BV))](
+            h2d, weight, tok, lab, lse, coef, dz, n, V, D, v0, c, h2d.stride(0), weight.stride(0), dz.stride(0), **cfg
+        )
+        d = dz[:, :c]
+        if need_dw:
+            torch.mm(d.T, h, out=gw[v0 : v0 + c])
+        if need_dh:
+            gh_acc += d @ weight[v0 : v0 + c]  # a 16-bit (n, d) product, summed in fp32
+    if need_dh:
+        gh.index_copy_(0, tok, gh_acc.to(gh.dtype))
     return gh, gw
 
 
@@ -309,7 +314,7 @@ class _SeqLogprobFunction(torch.autograd.Function):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         coef = grad_out.float()[row]  # c_i = grad_output[b(i)]
         gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
-        gh = gh.view(ctx.hidden_shape).to(h2d.dtype) if need_dh else None
+        gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
         return gh, gw, None, None
 

@@ -84,21 +84,21 @@ def _pairs(n, seed):
     return out
 
 
-def _train_dard(tok, samples, steps, backend, monkeypatch):
+def _train_dard(tok, samples, steps, backend, monkeypatch, device):
     monkeypatch.setenv("LADA_KERNEL", backend)
-    model = models.build_model(tokenizer=tok, seed=3, **models.ZOO["llama-tiny"])
+    model = models.build_model(tokenizer=tok, seed=3, **models.ZOO["llama-tiny"]).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=len(samples), distill_epochs=1, max_len=None)
     enc = distill.encode_pairs(tok, [s["question"] for s in samples] * 2,
-                               [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples])
+                               [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples], device=device)
     ref = distill.score_paths(model, tok, [s["question"] for s in samples] * 2,
-                              [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples])[0]
-    q = torch.tensor([s["q"] for s in samples])
+                              [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples], device=device)[0]
+    q = torch.tensor([s["q"] for s in samples], device=device)
     losses = []
     for _ in range(steps):
         h, w = models.hidden_and_head(model, enc["input_ids"], enc["attention_mask"])
-        losses.append(kernels.dard_loss_fused(h, w, enc["labels"], ref, q, cfg["beta"], cfg["alpha"])[0].item())
-        distill.distill(model, tok, opt, samples, [], "dard", cfg, random.Random(0))
+        losses.append(kernels.dard_loss_fused(h, w, enc["labels"], ref.to(device), q, cfg["beta"], cfg["alpha"])[0].item())
+        distill.distill(model, tok, opt, samples, [], "dard", cfg, random.Random(0), device=device)
     return losses
 
 
@@ -106,11 +106,13 @@ def test_tiny_model_lowers_dard_loss_through_both_paths(tok, monkeypatch):
     if not kernels.HAS_TRITON:
         pytest.skip("triton not installed")
     import os
-    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-        pytest.skip("Triton path needs TRITON_INTERPRET=1 on CPU")
+    # Triton runs on CUDA tensors, or interpreted on CPU tensors (tests/conftest.py sets that without a GPU)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton path needs CUDA or TRITON_INTERPRET=1")
     samples = _pairs(3, seed=1)
-    torch_losses = _train_dard(tok, samples, 4, "torch", monkeypatch)
-    triton_losses = _train_dard(tok, samples, 4, "triton", monkeypatch)
+    torch_losses = _train_dard(tok, samples, 4, "torch", monkeypatch, device)
+    triton_losses = _train_dard(tok, samples, 4, "triton", monkeypatch, device)
     assert torch_losses[-1] < torch_losses[0] - 0.05  # training lowers the loss ...
     assert torch_losses == pytest.approx(triton_losses, rel=1e-4, abs=1e-5)  # ... identically through both paths
 
