@@ -49,7 +49,8 @@ def test_project_embeddings_fixed_and_norm_preserving():
     c = F.project_embeddings(h, 16, seed=4)
     assert a.shape == (500, 16)
     assert torch.equal(a, b) and not torch.allclose(a, c)  # fixed per seed, different across seeds
-    assert torch.allclose(F.project_embeddings(h[:7], 16, seed=3), a[:7])  # per-row: batch-independent
+    # per-row, batch-independent up to float32 rounding (the matmul kernel depends on the batch size)
+    torch.testing.assert_close(F.project_embeddings(h[:7], 16, seed=3), a[:7])
     ratio = (a.norm(dim=1) ** 2).mean() / (h.norm(dim=1) ** 2).mean()  # E|Rᵀh|² = |h|² for R ~ N(0, 1/16)
     assert 0.7 < ratio < 1.3
     wide = F.project_embeddings(torch.randn(4, 1024), 16, seed=0)  # another model width, same output size
@@ -199,29 +200,9 @@ def test_select_speed_pool_2000():
 # contextual bandits with known expected reward μ (the oracle picks the top `budget` by μ)
 
 
-def bandit(kind, seed, blobs=5):
-    """draw(n, gen) -> raw features [n, M], embeddings [n, E], μ [n]."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    offset, scale = 3 * torch.randn(M, generator=g), 0.2 + 3 * torch.rand(M, generator=g)
-    centers = 2 * torch.randn(blobs, E, generator=g)
-    a, b = torch.randn(M + E, generator=g), torch.randn(M + E, generator=g)
-    a, b = a / a.norm(), b / b.norm()
-
-    def draw(n, gen):
-        z = torch.randn(n, M, generator=gen)
-        emb = centers[torch.randint(blobs, (n,), generator=gen)] + torch.randn(n, E, generator=gen)
-        zc = torch.cat([z, emb / 2], 1)
-        if kind == "linear":
-            mu = (0.5 + 0.2 * zc @ a).clamp(0, 1)
-        else:  # nonlinear
-            mu = 0.5 + 0.45 * torch.cos(1.5 * zc @ a) * torch.tanh(zc @ b)
-        return z * scale + offset, emb, mu
-    return draw
-
-
 def play(kind, seed, policy, rounds=10, n=300, budget=20, noise=0.1):
     """Mean μ of the picks over rounds 2..rounds (round 1 is k-means for the learners)."""
-    draw, gen = bandit(kind, seed), torch.Generator().manual_seed(seed)
+    draw, gen = F.make_bandit(kind, seed), torch.Generator().manual_seed(seed)
     filt = F.LearnabilityFilter(M, E, budget, budget, seed=seed, explore=(policy == "filter"))
     out = []
     for _ in range(rounds):
@@ -239,14 +220,17 @@ def play(kind, seed, policy, rounds=10, n=300, budget=20, noise=0.1):
     return sum(out[1:]) / len(out[1:])
 
 
-# No test claims that f1 + f2 beats f1 alone on a bandit built to trap a greedy learner: on the traps
-# we built (filter.make_bandit "jackpot" and variants) it does not, over 15 seeds (−0.004 ± 0.012).
+# No test claims that f1 + f2 beats f1 alone on a bandit built to trap a greedy learner: on the traps we
+# built it does not (filter.make_bandit "jackpot": −0.004 ± 0.012 over 15 seeds; "deceptive", where f1
+# alone is stuck far below the oracle: −0.001 ± 0.019 over 15 seeds; variants of f2 in its docstring).
 #
-# Measured over seeds 0..9 (rounds 2..10, pool 300, budget 20, 2-core CPU):
-#   linear:    filter − random ≥ 0.27 on every seed, share of the random→oracle gap 0.82–0.93;
-#   nonlinear: filter − random ≥ 0.11 on every seed, share 0.33–0.60;
-#   filter − f1 alone: linear −0.011…+0.004, nonlinear −0.031…+0.021 per seed.
-@pytest.mark.parametrize("kind,min_gain,min_share", [("linear", 0.20, 0.75), ("nonlinear", 0.07, 0.30)])
+# filter.make_bandit, measured over seeds 0..9 (rounds 2..10, pool 300, budget 20, 2-core CPU):
+#   linear:    filter − random ≥ 0.28 on every seed, share of the random→oracle gap 0.82–0.94 per seed,
+#              0.84–0.89 for the mean of any 3 consecutive seeds;
+#   nonlinear: filter − random ≥ 0.11 on every seed, share 0.36–0.68 per seed, 0.43–0.53 per 3 seeds;
+#   filter − f1 alone, mean of 3 consecutive seeds: linear −0.011…+0.005, nonlinear −0.002…+0.024
+#   (nonlinear over seeds 10..29: +0.004 ± 0.026 per seed, so no gain from f2 is claimed here either).
+@pytest.mark.parametrize("kind,min_gain,min_share", [("linear", 0.20, 0.75), ("nonlinear", 0.07, 0.35)])
 def test_bandit_filter_beats_random_and_nears_oracle(kind, min_gain, min_share):
     res = {p: [play(kind, s, p) for s in range(3)] for p in ["filter", "f1", "random", "oracle"]}
     mean = {p: sum(v) / len(v) for p, v in res.items()}
