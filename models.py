@@ -195,6 +195,8 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
             seed: int = 0, device="cpu", desc="warm-up", max_len: int = 512):
     """`steps` AdamW steps of SFT on (question, gold solution) pairs; returns the mean loss of the last 20."""
     import random
+    import sys
+    import time
 
     from distill import local_batch_loss, optimizer_step
 
@@ -202,13 +204,15 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
-    losses = []
-    for _ in (bar := tqdm(range(steps), desc=desc, leave=False, disable=None)):  # no bar off a terminal
+    losses, t0, tty = [], time.time(), sys.stderr.isatty()
+    for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=None)):  # a bar on a terminal ...
         loss = local_batch_loss(model, tokenizer, examples, batch_size, rng, device, max_len)
         optimizer_step(model, opt, loss)
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if not tty and (step + 1) % max(1, steps // 10) == 0:  # ... and a line per tenth off one (logs, pipes)
+            print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - t0:.0f} s", flush=True)
     model.eval()
     return sum(losses[-20:]) / max(1, len(losses[-20:]))
 

@@ -205,13 +205,12 @@ def _launch_config(h2d):
     (None = choose from the SM count). Static, not autotuned."""
     if not h2d.is_cuda:
         cfg = dict(INTERPRET_CONFIG)
-    # Checked by compiling for sm_90 and sm_80 (cuobjdump): 16-bit tiles pipeline (3 stages, wgmma
-    # on Hopper, 96/160 KB shared for fwd/bwd) without register spills; fp32 needs smaller tiles
-    # and 8 warps to avoid spilling. Not timed on hardware: see kernels/bench.py.
+    # 16-bit: timed on an H100 (kernels/BENCH.md: 128x128, 128x256, 256x128, 64x256 tiles swept).
+    # fp32: smaller tiles and 8 warps avoid register spills (read off the sm_90 cubin); not timed.
     elif h2d.dtype == torch.float32:
         cfg = dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_splits=None, num_warps=8, num_stages=2)
-    else:
-        cfg = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_D=64, num_splits=None, num_warps=8, num_stages=3)
+    else:  # 128 x 256 tiles: forward 26.5 -> 19.9 ms at 8192 x 152k x 3584 on an H100 (kernels/BENCH.md)
+        cfg = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_D=64, num_splits=None, num_warps=8, num_stages=3)
     # tl.dot precision: fp32 follows torch's matmul switch (default off: exact fp32 products);
     # the setting does not matter for 16-bit operands, which keep Triton's default
     tf32 = h2d.dtype != torch.float32 or (h2d.is_cuda and torch.backends.cuda.matmul.allow_tf32)
@@ -259,6 +258,25 @@ def triton_token_fwd(h2d, weight, tok, lab):
     return tgt_part.sum(0) - lse, lse
 
 
+_FP32_OUT_MM = {}  # device type -> whether torch.addmm(..., out_dtype=torch.float32) runs there
+
+
+def _add_product(acc, a, b):
+    """acc += a @ b for an fp32 acc. 16-bit a, b: one cuBLAS call that accumulates into acc in fp32
+    where torch has addmm(out_dtype=) (recent CUDA builds), else a 16-bit product added in fp32."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if _FP32_OUT_MM.get(a.device.type, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _FP32_OUT_MM[a.device.type] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FP32_OUT_MM[a.device.type] = False
+    acc += a @ b
+
+
 DZ_FRACTION = 16  # the backward's (n, C) d_logits buffer holds at most V·d / 16 entries (1/16 of grad_weight)
 
 
@@ -268,7 +286,8 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
     of BLOCK_V with n·C ≤ V·d / DZ_FRACTION): a Triton kernel recomputes the chunk's logits in fp32
     and writes its d_logits once in 16 bits; cuBLAS writes grad_weight[chunk] = d_logitsᵀ @ h (one
     product over all tokens, rounded once) and adds d_logits @ weight[chunk] into an fp32 (n, d)
-    grad_hidden accumulator. Extra memory: the buffer, the accumulator and one (n, d) product."""
+    grad_hidden accumulator. Extra memory: the buffer and the accumulator (and, without
+    addmm(out_dtype=), one 16-bit (n, d) product)."""
     N, (V, D), n = h2d.shape[0], weight.shape, tok.numel()
     gh = torch.zeros(h2d.shape, dtype=h2d.dtype, device=h2d.device) if need_dh else None
     gw = torch.zeros(weight.shape, dtype=weight.dtype, device=h2d.device) if need_dw else None
@@ -291,7 +310,7 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
         if need_dw:
             torch.mm(d.T, h, out=gw[v0 : v0 + c])
         if need_dh:
-            gh_acc += d @ weight[v0 : v0 + c]  # a 16-bit (n, d) product, summed in fp32
+            _add_product(gh_acc, d, weight[v0 : v0 + c])
     if need_dh:
         gh.index_copy_(0, tok, gh_acc.to(gh.dtype))
     return gh, gw
