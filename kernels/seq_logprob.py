@@ -311,7 +311,9 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
             torch.mm(d.T, h, out=gw[v0 : v0 + c])
         if need_dh:
             _add_product(gh_acc, d, weight[v0 : v0 + c])
-    if need_dh:
+    if need_dh and n == N:
+        gh.copy_(gh_acc)  # converts in place: no (n, d) temporary
+    elif need_dh:
         gh.index_copy_(0, tok, gh_acc.to(gh.dtype))
     return gh, gw
 
