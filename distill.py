@@ -30,9 +30,10 @@ def encode_pairs(tokenizer, questions, paths, max_len=None, device=None) -> dict
     tokens + EOS, the |y| of spec §4.
     """
     rows = []
-    for q, y in zip(questions, paths):
-        p = tokenizer(format_prompt(q), add_special_tokens=False).input_ids
-        a = tokenizer(y, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompts = tokenizer([format_prompt(q) for q in questions], add_special_tokens=False).input_ids  # one batched
+    answers = tokenizer(list(paths), add_special_tokens=False).input_ids  # call each: ~10x faster than per text
+    for p, a in zip(prompts, answers):
+        a = a + [tokenizer.eos_token_id]
         ids, lab = p + a, [IGNORE] * len(p) + a
         lab = lab[1:] + [IGNORE]  # shift: position t predicts token t+1
         if max_len is not None:

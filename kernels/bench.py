@@ -7,13 +7,12 @@
 Providers, all computing per-sequence Σ_t log p(label_t) for (tokens, vocab, hidden) = (N, V, d)
 in rows of T = min(1024, N/8) tokens (every label kept, so FLOPs compare across providers), then the
 gradient of Σ_b g_b · logp_b for a random g:
-  triton      kernels.seq_logprob: online log-sum-exp forward, recomputing atomic backward
+  triton      kernels.seq_logprob: online log-sum-exp forward, backward in vocabulary chunks
   triton_dard kernels.dard_loss_fused on the same rows read as B y⁺ then B y⁻ (loss, then its gradient)
   torch_ref   seq_logprob_reference: chunked, checkpointed torch (the CPU path)
   eager       materialized logits: (h @ Wᵀ).float() -> log_softmax -> gather (what HF does)
   compile     torch.compile(eager)
-  liger       liger_kernel's fused linear cross-entropy, reduction="none" (computes the gradient
-              in its forward, so its "bwd" is near zero: compare fwd+bwd)
+  liger       liger_kernel's fused linear cross-entropy, reduction="none"
   cce         cut_cross_entropy.linear_cross_entropy, reduction="none", its default gradient
               filter (skips d_logits tiles below bf16 resolution: approximate, data dependent)
   cce_exact   the same with filter_eps=None (every tile computed, as the other providers do)
@@ -22,7 +21,8 @@ the inputs, and that peak minus the gradients themselves ("extra"); TFLOP/s coun
 forward and 8NVd for forward+backward (recomputed logits), and their fraction of the measured bf16
 matmul peak (CUDA); errors against float64 on the same rounded inputs: max abs error of the
 per-sequence log-probs, relative L2 error of the hidden and weight gradients.
-Results go to a CSV (--out) with device, versions, date and commit; kernels/BENCH.md records them.
+Results go to a CSV (--out) with device, versions, date and commit; kernels/BENCH.md records an
+H100 run (raw rows in results/kernels/).
 """
 
 import argparse
