@@ -183,8 +183,11 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
     is_loss = name == "triton_dard"
     g = torch.ones((), device=device) if is_loss else grad_out
 
-    def fwd(_=None):
+    def drop_grads():
         hidden.grad = weight.grad = None
+
+    def fwd(_=None):
+        drop_grads()
         return fn(hidden, weight, labels)
 
     try:
@@ -195,11 +198,8 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
         if not is_loss:
             err["logp_max_abs_err"] = (out.detach().double() - ref["logp"]).abs().max().item()
         grad_mb = (hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()) / 2**20
-        hidden.grad = weight.grad = None
+        drop_grads()
         del out
-        def drop_grads():
-            hidden.grad = weight.grad = None
-
         t_f, m_f = timed(fwd, device, reps, reset=drop_grads)
         t_b, _ = timed(lambda out: out.backward(g), device, reps, setup=fwd)
         t_fb, m_fb = timed(lambda _: fwd().backward(g), device, reps, reset=drop_grads)
@@ -208,7 +208,7 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
     except Exception as e:  # a peer's API change or a compiler failure: report, keep going
         return dict(row, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
     finally:
-        hidden.grad = weight.grad = None
+        drop_grads()
     flop = N * V * d
     tf_f, tf_fb = 2 * flop / t_f / 1e9, 8 * flop / t_fb / 1e9
     return dict(row, fwd_ms=t_f, bwd_ms=t_b, fwdbwd_ms=t_fb, fwd_peak_mb=m_f, fwdbwd_peak_mb=m_fb,

@@ -19,6 +19,7 @@ interpreter is ~1000x slower and the tests set TRITON_INTERPRET=1 for the whole 
 picking it implicitly would make every model test crawl.
 """
 
+import functools
 import os
 
 import torch
@@ -164,7 +165,7 @@ def _dlogits_kernel(
     LSE,  # fp32 (n,) log-sum-exp saved by the forward
     COEF,  # fp32 (n,) c_i = ∂L/∂logp_i
     DZ,  # (n, >= n_cols) out, hidden's dtype: d_logits of this vocabulary chunk
-    n_tok, V, D, v0, n_cols,  # the chunk is vocabulary ids v0 .. v0 + n_cols - 1
+    n_tok, D, v0, n_cols,  # the chunk is vocabulary ids v0 .. v0 + n_cols - 1 (all < V)
     stride_h, stride_w, stride_dz,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -181,7 +182,7 @@ def _dlogits_kernel(
     coef = tl.load(COEF + offs_t, mask=t_mask, other=0.0)
     offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # column within the chunk
     cols = v0 + offs_c
-    v_mask = (offs_c < n_cols) & (cols < V)
+    v_mask = offs_c < n_cols
 
     z = _logit_block(H, W, rows, t_mask, cols, v_mask, D, stride_h, stride_w,
                      BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, DOT_FP32)
@@ -260,23 +261,27 @@ def triton_token_fwd(h2d, weight, tok, lab):
     return tgt_part.sum(0) - lse, lse
 
 
-_FP32_OUT_MM = {}  # device type -> whether torch.addmm(..., out_dtype=torch.float32) runs there
+@functools.cache
+def _has_fp32_out_mm(device_type):
+    """Whether torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) runs for 16-bit a, b on this
+    device type (recent CUDA builds). Probed once, on 1×1 tensors, so errors of real calls surface."""
+    try:
+        a, acc = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type), torch.zeros(1, 1, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _add_product(acc, a, b):
     """acc += a @ b for an fp32 acc. 16-bit a, b: one cuBLAS call that accumulates into acc in fp32
-    where torch has addmm(out_dtype=) (recent CUDA builds), else a 16-bit product added in fp32."""
+    where torch has addmm(out_dtype=), else a 16-bit product added in fp32."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    if _FP32_OUT_MM.get(a.device.type, True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            _FP32_OUT_MM[a.device.type] = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _FP32_OUT_MM[a.device.type] = False
-    acc += a @ b
+    elif _has_fp32_out_mm(a.device.type):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
 
 
 DZ_FRACTION = 16  # the backward's (n, C) d_logits buffer holds at most V·d / 16 entries (1/16 of grad_weight)
@@ -306,7 +311,7 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
     for v0 in range(0, V, cols):
         c = min(cols, V - v0)
         _dlogits_kernel[(triton.cdiv(n, BT), triton.cdiv(c, BV))](
-            h2d, weight, tok, lab, lse, coef, dz, n, V, D, v0, c, h2d.stride(0), weight.stride(0), dz.stride(0), **cfg
+            h2d, weight, tok, lab, lse, coef, dz, n, D, v0, c, h2d.stride(0), weight.stride(0), dz.stride(0), **cfg
         )
         d = dz[:, :c]
         if need_dw:
