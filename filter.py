@@ -153,14 +153,16 @@ class LearnabilityFilter:
     """
 
     def __init__(self, feature_dim, embed_dim, budget, min_budget, threshold=0.5, hidden=64, epochs=10,
-                 seed=0, lr=1e-2, grad_dim=256, batch_size=32, explore=True, reward_scale=None):
+                 seed=0, lr=1e-2, grad_dim=256, batch_size=32, explore=True, reward_scale=None, optimism=0.0):
         assert 1 <= min_budget <= budget, "need 1 <= min_budget <= budget"
         assert reward_scale in (None, "q90"), "reward_scale: None or 'q90'"
+        assert 0.0 <= optimism <= 1.0, "optimism: a residual target in [0, 1]"
         self.config = dict(feature_dim=feature_dim, embed_dim=embed_dim, budget=budget, min_budget=min_budget,
                            threshold=threshold, hidden=hidden, epochs=epochs, seed=seed, lr=lr,
-                           grad_dim=grad_dim, batch_size=batch_size, explore=explore, reward_scale=reward_scale)
+                           grad_dim=grad_dim, batch_size=batch_size, explore=explore, reward_scale=reward_scale,
+                           optimism=optimism)
         self.budget, self.min_budget, self.threshold = budget, min_budget, threshold
-        self.epochs, self.batch_size, self.explore = epochs, batch_size, explore
+        self.epochs, self.batch_size, self.explore, self.optimism = epochs, batch_size, explore, optimism
         self.gen = torch.Generator().manual_seed(seed)  # the filter's only RNG: init, k-means, shuffles
         d = feature_dim + embed_dim
         self.f1 = _mlp(d, hidden, nn.Sigmoid(), self.gen)  # exploitation net: reward in [0, 1]
@@ -175,6 +177,8 @@ class LearnabilityFilter:
         # reward history: raw contexts (re-standardized at every update) and rewards
         self.hist = dict(features=torch.zeros(0, feature_dim), embeddings=torch.zeros(0, embed_dim),
                          rewards=torch.zeros(0))
+        # the last pool's samples that select() passed over (kept only with optimism > 0, used by the next update)
+        self.passed = dict(features=torch.zeros(0, feature_dim), embeddings=torch.zeros(0, embed_dim))
 
     # --- context
 
@@ -252,6 +256,10 @@ class LearnabilityFilter:
             k = int((u >= self.threshold).sum())
             k = min(max(min(k, self.budget), self.min_budget), n)  # clip to budget, pad to min_budget
             idx = order[:k]
+        if self.explore and self.optimism > 0:
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[idx] = False
+            self.passed = dict(features=features[rest], embeddings=embeddings[rest])
         self._fold_stats(torch.cat([features, embeddings], 1))
         return idx
 
@@ -288,8 +296,19 @@ class LearnabilityFilter:
         if self.explore:
             with torch.no_grad():
                 f1 = self.f1(phi).squeeze(1)
-            g = self._grad_features(phi)
-            self._fit(self.f2, self.opt2, g, r - f1)  # f2 on (∇f1(φ), r − f1(φ))
+            g, target = self._grad_features(phi), r - f1  # f2 on (∇f1(φ), r − f1(φ))
+            if self.optimism > 0 and len(self.passed["features"]) > 0:
+                # EE-Net's code: after a pick that earned 0, every arm passed over gets the residual target
+                # +0.2. Per round here: as many passed-over samples as the picks fell short of reward 1
+                # (Σ(1 − r) over this round's picks, r as f1 learns it), drawn at random, target +optimism.
+                shortfall = float((1 - r[-features.shape[0]:]).clamp(0, 1).sum())
+                n_opt = min(int(round(shortfall)), len(self.passed["features"]))
+                if n_opt > 0:  # (no draw from the RNG otherwise: a round without shortfall is the plain filter's)
+                    pick = torch.randperm(len(self.passed["features"]), generator=self.gen)[:n_opt]
+                    phi_opt = self._phi(self.passed["features"][pick], self.passed["embeddings"][pick])
+                    g, target = torch.cat([g, self._grad_features(phi_opt)]), torch.cat([target, torch.full((n_opt,), self.optimism)])
+            self._fit(self.f2, self.opt2, g, target)
+        self.passed = {k: v[:0] for k, v in self.passed.items()}  # used once
 
     def _fit(self, net, opt, x, y):
         """`epochs` epochs of shuffled minibatch Adam on the squared loss."""
@@ -310,17 +329,19 @@ class LearnabilityFilter:
         return copy.deepcopy(dict(config=self.config, f1=self.f1.state_dict(), f2=self.f2.state_dict(),
                                   opt1=self.opt1.state_dict(), opt2=self.opt2.state_dict(),
                                   stats=dict(count=self.count, mean=self.mean, m2=self.m2),
-                                  hist=self.hist, rng=self.gen.get_state()))
+                                  hist=self.hist, passed=self.passed, rng=self.gen.get_state()))
 
     def load_state_dict(self, sd):
-        assert sd["config"] == self.config, f"config mismatch: {sd['config']} vs {self.config}"
         sd = copy.deepcopy(sd)
+        sd["config"].setdefault("optimism", 0.0)  # states saved before `optimism` existed
+        assert sd["config"] == self.config, f"config mismatch: {sd['config']} vs {self.config}"
         self.f1.load_state_dict(sd["f1"])
         self.f2.load_state_dict(sd["f2"])
         self.opt1.load_state_dict(sd["opt1"])
         self.opt2.load_state_dict(sd["opt2"])
         self.count, self.mean, self.m2 = sd["stats"]["count"], sd["stats"]["mean"], sd["stats"]["m2"]
         self.hist = sd["hist"]
+        self.passed = sd.get("passed", {k: v[:0] for k, v in self.passed.items()})
         self.gen.set_state(sd["rng"])
 
 # -----------------------------------------------------------------------------
@@ -328,7 +349,8 @@ class LearnabilityFilter:
 
 
 def make_bandit(kind, seed, m=FEATURE_DIM, e=16, blobs=6):
-    """Returns draw(n, gen) -> (features Tensor[n, m], embeddings Tensor[n, e], mu Tensor[n]).
+    """Returns draw(n, gen, t=0) -> (features Tensor[n, m], embeddings Tensor[n, e], mu Tensor[n]) for round t
+(0-based; only "ripening" changes with it).
 
     z ~ N(0, 1) per feature, embeddings from `blobs` Gaussian clusters; the filter sees the features as
     z · scale + offset (different per feature, so standardization matters).
@@ -367,7 +389,7 @@ def make_bandit(kind, seed, m=FEATURE_DIM, e=16, blobs=6):
     a, b = torch.randn(m + e, generator=g), torch.randn(m + e, generator=g)
     a, b = a / a.norm(), b / b.norm()
 
-    def draw(n, gen):
+    def draw(n, gen, t=0):
         z = torch.randn(n, m, generator=gen)
         blob = torch.randint(blobs, (n,), generator=gen)
         emb = centers[blob] + torch.randn(n, e, generator=gen)
@@ -382,27 +404,34 @@ def make_bandit(kind, seed, m=FEATURE_DIM, e=16, blobs=6):
             mu = torch.where(jack, 0.95, 0.6 * torch.sigmoid(-2 * z[:, 0]))
         elif kind == "deceptive":
             mu = torch.where(blob == 0, 0.95 * (z[:, 0] > 0.5).float(), 0.5 - 0.15 * torch.tanh(z[:, 0]))
+        elif kind == "ripening":
+            mu = torch.where(blob == 0, 0.1 if t == 0 else 0.9, 0.5 + 0.15 * torch.tanh(zc @ a))
         else:
             raise ValueError(kind)
         return z * scale + offset, emb, mu
     return draw
 
 
+OPTIMISM = 0.6  # the `optimism` of the demo's and the tests' "optimism" policy (chosen on ripening, see make_bandit)
+LEARNERS = {"filter": dict(), "optimism": dict(optimism=OPTIMISM), "f1": dict(explore=False)}
+
+
 def run_bandit(kind, policy, seed, rounds=15, pool=300, budget=20, noise=0.1):
-    """Mean μ of the picks per round for policy in {filter, f1, random, oracle}; reward = clip(μ + N(0, noise²))."""
+    """Mean μ of the picks per round; reward = clip(μ + N(0, noise²)). policy: "filter" (f1 + f2 as in spec
+    §3.2), "optimism" (the same with optimism=OPTIMISM), "f1" (f1 alone, greedy), "random" or "oracle"."""
     draw, gen = make_bandit(kind, seed), torch.Generator().manual_seed(seed)
-    filt = LearnabilityFilter(FEATURE_DIM, 16, budget, budget, seed=seed, explore=(policy == "filter"))
+    filt = LearnabilityFilter(FEATURE_DIM, 16, budget, budget, seed=seed, **LEARNERS[policy]) if policy in LEARNERS else None
     out = []
-    for _ in range(rounds):
-        x, emb, mu = draw(pool, gen)
-        if policy in ("filter", "f1"):
+    for t in range(rounds):
+        x, emb, mu = draw(pool, gen, t)
+        if filt is not None:
             idx = filt.select(x, emb)
         elif policy == "random":
             idx = torch.randperm(pool, generator=gen)[:budget]
         else:
             idx = mu.topk(budget).indices
         r = (mu[idx] + noise * torch.randn(len(idx), generator=gen)).clamp(0, 1)
-        if policy in ("filter", "f1"):
+        if filt is not None:
             filt.update(x[idx], emb[idx], r)
         out.append(mu[idx].mean().item())
     return out
