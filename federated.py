@@ -28,7 +28,8 @@ import torch
 # Presets: plain dicts; flags override them. Sizes: see models.ZOO.
 
 BASE = dict(
-    rounds=5, pool_size=256, budget=64, min_budget=8, threshold=0.5, filter_epochs=10, embed_dim=16,
+    rounds=5, pool_size=256, budget=64, min_budget=8, threshold=0.5, filter_epochs=10, filter_optimism=0.0,
+    embed_dim=16,
     alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
     local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
     gen_temperature=0.7, max_new_tokens=320, max_len=640, eval_batch=128,
@@ -203,6 +204,7 @@ def load_checkpoint(out, cfg, models, opts, filters):
 
     ck = out / "ckpt"
     saved = json.loads((ck / "config.json").read_text())
+    saved = {**{k: v for k, v in BASE.items() if k not in saved}, **saved}  # keys added since: their defaults
     diff = sorted(k for k in set(saved) | set(cfg) if k not in RUN_KEYS and saved.get(k) != cfg.get(k))
     if diff:
         raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
@@ -303,6 +305,8 @@ def run(cfg):
     from filter import FEATURE_DIM, LearnabilityFilter, project_embeddings, sample_features
     from models import mean_hidden
 
+    if not 0.0 <= cfg["filter_optimism"] <= 1.0:
+        raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
     out = Path(cfg["out"])
     ckpt = out / "ckpt"
     if ckpt.exists() and not cfg["resume"]:
@@ -330,7 +334,8 @@ def run(cfg):
     if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
         for k, n in enumerate(slms):
             mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"],
-                                              cfg["threshold"], epochs=cfg["filter_epochs"], seed=s, reward_scale="q90")
+                                              cfg["threshold"], epochs=cfg["filter_epochs"], seed=s, reward_scale="q90",
+                                              optimism=cfg["filter_optimism"])
             filters[f"down/{n}"] = mk(cfg["seed"] * 100 + 2 * k)
             if not frozen_llm:
                 filters[f"up/{n}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
@@ -473,6 +478,7 @@ HELP = {
     "rounds": "communication rounds T", "pool_size": "public questions drawn per round (|P|)",
     "budget": "most samples a filter (or random) allocates per round", "min_budget": "fewest samples a filter allocates",
     "threshold": "filter score u(x) needed to be picked", "filter_epochs": "epochs of filter training per round",
+    "filter_optimism": "residual target of passed-over samples for the exploration net, 0 = spec §3.2 (filter.py)",
     "embed_dim": "sample embedding size of the filter context", "alpha": "weight of the NLL(y+) term (spec §4)",
     "lam": "weight of the local SFT anchor L_local (spec §4)", "beta": "DPO-like temperature beta (spec §4)",
     "tau": "teacher-margin temperature, nats per character (spec §4)", "local_steps": "local SFT steps per round",

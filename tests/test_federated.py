@@ -63,7 +63,7 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
 
 
 def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
-    args = ["--rounds", "2", "--method", "lada"]
+    args = ["--rounds", "2", "--method", "lada", "--filter_optimism", "0.6"]  # optimism: filters carry more state
     full = run(args, tmp_path / "full", cache)
 
     real = federated.write_report
@@ -173,7 +173,8 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
              (["--method", "fedavg"], "invalid choice: 'fedavg'"),
              (["--smoke", "--data", f"gsm8k:{tmp_path / 'missing.jsonl'}"], "missing.jsonl: no such file"),
              (["--smoke", "--data", f"gsm8k:{bad}"], "bad.jsonl:2: expected an object"),
-             (["--smoke", "--llm", str(notmodel), "--slms", str(notmodel)], "not a model directory")]
+             (["--smoke", "--llm", str(notmodel), "--slms", str(notmodel)], "not a model directory"),
+             (["--smoke", "--filter_optimism", "1.5"], "--filter_optimism must be in [0, 1], got 1.5")]
     for args, msg in cases:
         code, err = cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
         assert code == 2 and len(err) == 1 and msg in err[0], (args, err)
