@@ -13,8 +13,8 @@ The demo prints the mean expected reward of the picks per round for the filter (
 the filter with `optimism` (EE-Net's passed-over targets, below), f1 alone (greedy), random picks and
 the oracle (top-budget by true expected reward), on a linear and a nonlinear bandit and on two bandits
 built so that a greedy learner gets stuck. On "ripening" (samples that become learnable after round 1)
-f1 alone stays stuck and the spec's f2 does not free it, optimism does (+0.06 to +0.10 per pick over
-15 seeds); it costs 0.03 on the bandits where greedy does fine. On "deceptive" nothing we tried frees
+f1 alone stays stuck and the spec's f2 does not free it, optimism does (+0.06 and +0.10 per pick on
+two sets of 15 seeds); it costs 0.03 on the bandits where greedy does fine. On "deceptive" nothing we tried frees
 it, random exploration included. Numbers and what was tried: make_bandit.
 """
 import argparse
