@@ -296,8 +296,11 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
     grad_hidden accumulator. Extra memory: the buffer and the accumulator (and, without
     addmm(out_dtype=), one 16-bit (n, d) product)."""
     N, (V, D), n = h2d.shape[0], weight.shape, tok.numel()
-    gh = torch.zeros(h2d.shape, dtype=h2d.dtype, device=h2d.device) if need_dh else None
-    gw = torch.zeros(weight.shape, dtype=weight.dtype, device=h2d.device) if need_dw else None
+    gh = gw = None
+    if need_dh:  # zeros only for the rows no chunk writes: masked tokens'
+        gh = (torch.empty if n == N else torch.zeros)(h2d.shape, dtype=h2d.dtype, device=h2d.device)
+    if need_dw:  # every row is written once a token counts
+        gw = (torch.empty if n > 0 else torch.zeros)(weight.shape, dtype=weight.dtype, device=h2d.device)
     if n == 0 or not (need_dh or need_dw):
         return gh, gw
     cfg, _ = _launch_config(h2d)
