@@ -1,5 +1,5 @@
 """Tests of filter.py (spec §3) against independent truths: hand-computed values, a per-sample autograd
-loop, Gaussian blobs with known membership and contextual bandits whose expected reward is known.
+loop, Gaussian blobs with known membership and contextual bandits whose expected reward is known (bandits.py).
 
 Every test seeds its own generators, so the global RNG state left by other tests does not matter.
 The bandit margins below were measured over seeds 0..9 (see the comments); the tests use seeds 0..2.
@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import filter as F  # noqa: E402  (the repo module, not the builtin)
+import bandits as B  # noqa: E402  (synthetic bandits with a known optimum)
 
 M, E = F.FEATURE_DIM, 16
 
@@ -254,17 +255,17 @@ def test_select_speed_pool_2000():
 
 def play(kind, seed, policy, rounds=10):
     """Mean μ of the picks over rounds 2..rounds (round 1 is k-means for the learners); pool 300, budget 20,
-    reward noise 0.1 (filter.run_bandit)."""
-    return sum(F.run_bandit(kind, policy, seed, rounds)[1:]) / (rounds - 1)
+    reward noise 0.1 (bandits.run_bandit)."""
+    return sum(B.run_bandit(kind, policy, seed, rounds)[1:]) / (rounds - 1)
 
 
-# filter.make_bandit, measured over seeds 0..9 (rounds 2..10, pool 300, budget 20, 2-core CPU):
+# bandits.make_bandit, measured over seeds 0..9 (rounds 2..10, pool 300, budget 20, 2-core CPU):
 #   linear:    filter − random ≥ 0.28 on every seed, share of the random→oracle gap 0.82–0.94 per seed,
 #              0.84–0.89 for the mean of any 3 consecutive seeds;
 #   nonlinear: filter − random ≥ 0.11 on every seed, share 0.36–0.68 per seed, 0.43–0.53 per 3 seeds;
 #   filter − f1 alone, mean of 3 consecutive seeds: linear −0.011…+0.005, nonlinear −0.002…+0.024
 #   (nonlinear over seeds 10..29: +0.004 ± 0.026 per seed, so no gain from f2 is claimed here);
-#   optimism (filter.OPTIMISM) − f1 alone, the price of exploring where greedy does fine, mean of 3
+#   optimism (bandits.OPTIMISM) − f1 alone, the price of exploring where greedy does fine, mean of 3
 #   consecutive seeds: linear −0.046…−0.020, nonlinear −0.051…−0.008; optimism − random ≥ 0.22 (linear)
 #   and ≥ 0.09 (nonlinear) on every seed, share of the gap 0.75–0.82 and 0.34–0.39 per 3 seeds.
 @pytest.mark.parametrize("kind,min_gain,min_share", [("linear", 0.20, 0.75), ("nonlinear", 0.07, 0.35)])
@@ -284,7 +285,7 @@ def test_bandit_filter_beats_random_and_nears_oracle(kind, min_gain, min_share):
 
 
 def test_exploration_frees_a_greedy_learner_stuck_on_ripening():
-    # "ripening" (filter.make_bandit): blob 0 earns 0.1 in round 1 and 0.9 from round 2 on; f1 alone learns
+    # "ripening" (bandits.make_bandit): blob 0 earns 0.1 in round 1 and 0.9 from round 2 on; f1 alone learns
     # "blob 0 is bad" from round 1 and never looks again. Measured, 15 rounds, seeds 0..14: optimism − f1
     # +0.058 ± 0.053 per seed (12 of 15 better), every 5 consecutive seeds +0.041…+0.079 with ≥ 3 of 5
     # better; f1 at most 0.674 for any 5 consecutive seeds (oracle 0.9). Confirmed on fresh seeds 200..214:
@@ -305,7 +306,7 @@ def test_reward_scale_q90_keeps_the_threshold_meaningful_for_small_rewards():
     budget, min_budget, pool = 20, 4, 300
     sizes, quality = {}, {}
     for scale in (None, "q90"):
-        draw, gen = F.make_bandit("linear", 0), torch.Generator().manual_seed(0)
+        draw, gen = B.make_bandit("linear", 0), torch.Generator().manual_seed(0)
         filt = F.LearnabilityFilter(M, E, budget, min_budget, seed=0, reward_scale=scale)
         n, mus = [], []
         for _ in range(8):
