@@ -7,10 +7,14 @@ tokens (prompt masked) under the model's own tokenizer, computed by the fused ke
 held on the GPU.
 """
 import random
+import sys
+import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from data import format_prompt
 from kernels import dard_loss_fused, head_is_plain_linear, seq_logprob
@@ -20,32 +24,86 @@ IGNORE = -100
 
 
 # -----------------------------------------------------------------------------
-# Batches of (question, path) pairs for any tokenizer
+# Token ids: every text is tokenized once; batches are collated from the cached ids
 
-def encode_pairs(tokenizer, questions, paths, max_len=None, device=None) -> dict:
-    """Prompt and path tokenized separately (no merges across the boundary), EOS appended.
+def encode(tokenizer, questions, paths) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, path ids + EOS) per row. Prompt and path are tokenized apart (no merges across
+    the boundary), in one batched tokenizer call each; EOS ends every path (spec §1), so a model
+    trained here stops generating by itself."""
+    prompts = tokenizer([format_prompt(q) for q in questions], add_special_tokens=False).input_ids
+    answers = tokenizer(list(paths), add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    return [(p, a + [eos]) for p, a in zip(prompts, answers)]
 
-    Returns input_ids (B, T), attention_mask (B, T), labels (B, T) already shifted (labels[t] is
-    the token after input t; prompt positions and padding are -100) and n_tokens (B,) = path
-    tokens + EOS, the |y| of spec §4.
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device: pinned and non-blocking on CUDA, so the copy overlaps queued work."""
+    if device is None or torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def collate(rows, pad_id, max_len=None, device=None) -> dict:
+    """A right-padded batch of encoded rows (`encode`).
+
+    Returns input_ids (B, T), labels (B, T) already shifted (labels[t] is the token after input t;
+    prompt positions and padding are -100) and n_tokens (B,) = path tokens + EOS, the |y| of spec §4.
+    No attention mask: with right padding no real position of a causal model attends to a pad, so
+    the model runs its unmasked (flash) attention; labels keep the pads out of every loss.
     """
-    rows = []
-    prompts = tokenizer([format_prompt(q) for q in questions], add_special_tokens=False).input_ids  # one batched
-    answers = tokenizer(list(paths), add_special_tokens=False).input_ids  # call each: ~10x faster than per text
-    for p, a in zip(prompts, answers):
-        a = a + [tokenizer.eos_token_id]
-        ids, lab = p + a, [IGNORE] * len(p) + a
-        lab = lab[1:] + [IGNORE]  # shift: position t predicts token t+1
+    seqs = []
+    for p, a in rows:
+        ids, lab = p + a, ([IGNORE] * len(p) + a)[1:] + [IGNORE]  # shifted: position t predicts token t+1
         if max_len is not None:
             ids, lab = ids[:max_len], lab[:max_len]
-        rows.append((ids, lab))
-    T = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in rows])
-    labels = torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in rows])
-    mask = torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in rows])
-    enc = dict(input_ids=input_ids, attention_mask=mask, labels=labels, n_tokens=(labels != IGNORE).sum(1))
-    return {k: v.to(device) for k, v in enc.items()} if device is not None else enc
+        seqs.append((ids, lab))
+    T = max(len(ids) for ids, _ in seqs)
+    input_ids = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in seqs])
+    labels = torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in seqs])
+    enc = dict(input_ids=input_ids, labels=labels, n_tokens=(labels != IGNORE).sum(1))
+    return {k: to_device(v, device) for k, v in enc.items()}
+
+
+def encode_pairs(tokenizer, questions, paths, max_len=None, device=None) -> dict:
+    """`collate(encode(...))`: one batch straight from texts."""
+    return collate(encode(tokenizer, questions, paths), tokenizer.pad_token_id, max_len, device)
+
+
+class TokenizedSet:
+    """A party's (question, solution) examples, tokenized once, served as length-bucketed batches."""
+
+    def __init__(self, tokenizer, examples, max_len=None):
+        self.rows = encode(tokenizer, [e["question"] for e in examples], [e["answer"] for e in examples])
+        self.pad_id, self.max_len = tokenizer.pad_token_id, max_len
+        self.lengths = [len(p) + len(a) for p, a in self.rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def batch(self, idx, device=None) -> dict:
+        return collate([self.rows[i] for i in idx], self.pad_id, self.max_len, device)
+
+    def batches(self, batch_size, rng: random.Random, group=16):
+        """Endless batches of `batch_size` row indices (all rows if fewer): a stream of random
+        permutations is cut into groups of `group` batches; each group is sorted by length and split,
+        and its batches come out in random order. Every row once per pass, little padding."""
+        bs = min(batch_size, len(self.rows))
+        if bs == 0:
+            return
+        stream = []
+        while True:
+            while len(stream) < bs * group:
+                perm = list(range(len(self.rows)))
+                rng.shuffle(perm)
+                stream += perm
+            chunk, stream = sorted(stream[:bs * group], key=self.lengths.__getitem__), stream[bs * group:]
+            batches = [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+            rng.shuffle(batches)
+            yield from batches
+
+
+def as_tokenized(data, tokenizer, max_len=None) -> TokenizedSet:
+    return data if isinstance(data, TokenizedSet) else TokenizedSet(tokenizer, data, max_len)
 
 
 _warned = set()
@@ -54,7 +112,7 @@ _warned = set()
 def _head_inputs(model, enc):
     """(hidden, weight) for the fused kernel; None (with a one-line warning) when the head is not plain."""
     if head_is_plain_linear(model):
-        return hidden_and_head(model, enc["input_ids"], enc["attention_mask"])
+        return hidden_and_head(model, enc["input_ids"])
     name = type(model).__name__
     if name not in _warned:
         _warned.add(name)
@@ -67,26 +125,36 @@ def sequence_logps(model, enc) -> torch.Tensor:
     hw = _head_inputs(model, enc)
     if hw is not None:
         return seq_logprob(hw[0], hw[1], enc["labels"])
-    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+    logits = model(input_ids=enc["input_ids"]).logits.float()
     lab = enc["labels"]
     lp = torch.gather(F.log_softmax(logits, -1), 2, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (lp * (lab != IGNORE)).sum(1)
 
 
 @torch.no_grad()
-def score_paths(model, tokenizer, questions, paths, batch_size=32, device="cpu", max_len=None):
-    """(summed log-probs (n,), token counts (n,)) of each path under `model`, on CPU, fp32."""
+def score_rows(model, rows, pad_id, batch_size=256, device="cpu", max_len=None):
+    """(summed log-probs (n,), token counts (n,)) of encoded rows under `model`, fp32 on the CPU.
+    Rows are scored in length order (little padding), results returned in input order; one
+    device-to-host copy at the end."""
     was_training = model.training
     model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     lps, ns = [], []
-    for i in range(0, len(questions), batch_size):
-        enc = encode_pairs(tokenizer, questions[i:i + batch_size], paths[i:i + batch_size], max_len, device)
-        lps.append(sequence_logps(model, enc).float().cpu())
-        ns.append(enc["n_tokens"].cpu())
+    for i in range(0, len(order), batch_size):
+        enc = collate([rows[j] for j in order[i:i + batch_size]], pad_id, max_len, device)
+        lps.append(sequence_logps(model, enc).float())
+        ns.append(enc["n_tokens"])
     model.train(was_training)
     if not lps:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(lps), torch.cat(ns)
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(lps).cpu()[inv], torch.cat(ns).cpu()[inv]
+
+
+def score_paths(model, tokenizer, questions, paths, batch_size=256, device="cpu", max_len=None):
+    """`score_rows` straight from texts."""
+    return score_rows(model, encode(tokenizer, questions, paths), tokenizer.pad_token_id, batch_size, device, max_len)
 
 
 # -----------------------------------------------------------------------------
@@ -129,7 +197,21 @@ def sft_loss(model, enc) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The training step used by the federated loop
+# Training steps: warm-up, the local step, distillation. No host sync inside a loop: losses are
+# summed on the device and read once at the end (or when a progress line is printed).
+
+def autocast(device, dtype: str):
+    """bf16 autocast on CUDA when dtype is 'bf16' (weights and optimizer stay fp32); nothing otherwise."""
+    if dtype == "bf16" and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(model, lr, betas=(0.9, 0.999)):
+    """AdamW without weight decay; the fused CUDA implementation when the weights are on a GPU."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=betas, fused=fused or None)
+
 
 def optimizer_step(model, opt, loss):
     """Backward, clip the gradient norm to 1, step: the update every training loop here makes."""
@@ -139,11 +221,82 @@ def optimizer_step(model, opt, loss):
     opt.step()
 
 
-def local_batch_loss(model, tokenizer, local_data, batch_size, rng, device, max_len=None):
-    """L_local of spec §4: SFT on a random batch of the student's own local data."""
-    batch = rng.sample(local_data, min(batch_size, len(local_data)))
-    enc = encode_pairs(tokenizer, [e["question"] for e in batch], [e["answer"] for e in batch], max_len, device)
-    return sft_loss(model, enc)
+class Progress:
+    """A tqdm bar on a terminal; off one (a log, a pipe) a line per tenth: done/total, elapsed, ETA.
+    `step(info)` takes a callable for the postfix, called only when something is shown (a host sync
+    at most every 1% of the work, never per step)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.time()
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False) if self.tty and total > 1 else None
+        self.every = max(1, total // (100 if self.tty else 10))
+
+    def step(self, info=None):
+        self.done += 1
+        if self.done % self.every and self.done != self.total:
+            return
+        text = info() if info is not None else ""
+        if self.bar is not None:
+            self.bar.update(self.done - self.bar.n)
+            if text:
+                self.bar.set_postfix_str(text, refresh=False)
+        elif not self.tty:
+            el = time.time() - self.t0
+            eta = el / self.done * (self.total - self.done)
+            print(f"{self.desc}: {self.done}/{self.total}, {el:.0f} s, ETA {eta:.0f} s" + (f", {text}" if text else ""),
+                  flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+            device="cpu", desc="warm-up", max_len: int = 512) -> float:
+    """`steps` AdamW steps of SFT on (question, gold solution) pairs (spec §6: each party warmed up
+    on its own data before the rounds); returns the mean loss of the last 20 steps. Call it inside
+    `autocast(...)` for bf16 on a GPU."""
+    rng = random.Random(seed)
+    data = TokenizedSet(tokenizer, examples, max_len)
+    model.to(device).train()
+    opt = make_optimizer(model, lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
+    batches, tail, last = data.batches(batch_size, rng), [], None
+    bar = Progress(steps, desc)
+    for step in range(steps):
+        loss = sft_loss(model, data.batch(next(batches), device))
+        optimizer_step(model, opt, loss)
+        sched.step()
+        last = loss.detach()
+        if step >= steps - 20:
+            tail.append(last)
+        bar.step(lambda: f"loss {last.item():.3f}")
+    bar.close()
+    model.eval()
+    return float(torch.stack(tail).mean()) if tail else float("nan")
+
+
+def local_batch_loss(model, local: TokenizedSet, batches, device):
+    """L_local of spec §4: SFT on the next batch of the student's own local data."""
+    return sft_loss(model, local.batch(next(batches), device))
+
+
+def local_sft(model, tokenizer, opt, local_data, steps, batch_size, rng, device="cpu", max_len=None) -> float:
+    """Spec §2 step 1: `steps` SFT steps on the party's own data. Returns the mean loss."""
+    if steps <= 0 or not local_data:
+        return float("nan")
+    local = as_tokenized(local_data, tokenizer, max_len)
+    batches = local.batches(batch_size, rng)
+    model.train()
+    tot = 0.0
+    for _ in range(steps):
+        loss = local_batch_loss(model, local, batches, device)
+        optimizer_step(model, opt, loss)
+        tot = tot + loss.detach()
+    model.eval()
+    return float(tot) / steps
 
 
 def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rng: random.Random,
@@ -152,18 +305,27 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
 
     samples: list of dicts with question, y_pos, y_neg, q (teacher target), correct_pos (bool).
     loss: 'dard' (spec §4) or 'sft' (NLL of y+ per token; the ablations and fedmkt).
-    Every step adds lam * L_local on a batch of `local_data`. Returns mean loss terms.
+    local_data: the student's own examples (a TokenizedSet, or a list of dicts).
+    Every step adds lam * L_local on a batch of local data. Returns mean loss terms.
     """
     beta, alpha, lam, bs = cfg["beta"], cfg["alpha"], cfg["lam"], cfg["distill_batch"]
     max_len = cfg.get("max_len")
+    if loss not in ("dard", "sft"):
+        raise ValueError(f"unknown loss '{loss}'")
     if loss == "dard":  # identical paths carry no contrast (spec §4): drop them
         samples = [s for s in samples if s["y_pos"] != s["y_neg"]]
     if not samples:
         return dict(steps=0)
-    qs = [s["question"] for s in samples]
+    qs, pad = [s["question"] for s in samples], tokenizer.pad_token_id
+    pos = encode(tokenizer, qs, [s["y_pos"] for s in samples])  # tokenized once for all epochs
     if loss == "dard":  # pi_ref = the student before this round's distillation (frozen snapshot)
-        ref_pos, _ = score_paths(model, tokenizer, qs, [s["y_pos"] for s in samples], bs, device, max_len)
-        ref_neg, _ = score_paths(model, tokenizer, qs, [s["y_neg"] for s in samples], bs, device, max_len)
+        neg = encode(tokenizer, qs, [s["y_neg"] for s in samples])
+        ref_pos, _ = score_rows(model, pos, pad, 2 * bs, device, max_len)
+        ref_neg, _ = score_rows(model, neg, pad, 2 * bs, device, max_len)
+        q_all = torch.tensor([s["q"] for s in samples], dtype=torch.float32)
+        a_all = alpha * torch.tensor([float(s["correct_pos"]) for s in samples])
+    local = as_tokenized(local_data, tokenizer, max_len) if lam > 0 else None
+    local_batches = local.batches(bs, rng) if local is not None and len(local) else None
     model.train()
     order = list(range(len(samples)))
     totals, steps = {}, 0
@@ -171,46 +333,25 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
         rng.shuffle(order)
         for i in range(0, len(order), bs):
             idx = order[i:i + bs]
-            batch = [samples[j] for j in idx]
-            q_batch = [s["question"] for s in batch]
             if loss == "dard":
                 # Liger's layout: rows 0..B-1 are y+, rows B..2B-1 are y- of the same questions
-                enc = encode_pairs(tokenizer, q_batch + q_batch, [s["y_pos"] for s in batch] +
-                                   [s["y_neg"] for s in batch], max_len, device)
-                ref = torch.cat([ref_pos[idx], ref_neg[idx]]).to(device)
-                q = torch.tensor([s["q"] for s in batch], device=device, dtype=torch.float32)
-                a = alpha * torch.tensor([float(s["correct_pos"]) for s in batch], device=device)
+                enc = collate([pos[j] for j in idx] + [neg[j] for j in idx], pad, max_len, device)
+                ref = to_device(torch.cat([ref_pos[idx], ref_neg[idx]]), device)
+                q, a = to_device(q_all[idx], device), to_device(a_all[idx], device)
                 hw = _head_inputs(model, enc)
                 if hw is not None:
                     l_main, _ = dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, a)
                 else:
                     lp = sequence_logps(model, enc)
-                    B = len(batch)
+                    B = len(idx)
                     l_main = dard_loss(lp[:B], lp[B:], ref[:B], ref[B:], q, beta, a, enc["n_tokens"][:B])[0].mean()
-            elif loss == "sft":
-                enc = encode_pairs(tokenizer, q_batch, [s["y_pos"] for s in batch], max_len, device)
-                l_main = sft_loss(model, enc)
             else:
-                raise ValueError(f"unknown loss '{loss}'")
-            l_local = local_batch_loss(model, tokenizer, local_data, bs, rng, device, max_len) if lam > 0 else 0.0
+                l_main = sft_loss(model, collate([pos[j] for j in idx], pad, max_len, device))
+            l_local = local_batch_loss(model, local, local_batches, device) if local_batches else torch.zeros(())
             total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
             optimizer_step(model, opt, total)
             steps += 1
             for k, v in (("loss", total), (loss, l_main), ("local", l_local)):
-                totals[k] = totals.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
+                totals[k] = totals.get(k, 0.0) + v.detach()
     model.eval()
-    return dict({k: v / steps for k, v in totals.items()}, steps=steps, n=len(samples))
-
-
-def local_sft(model, tokenizer, opt, local_data, steps, batch_size, rng, device="cpu", max_len=None) -> float:
-    """Spec §2 step 1: `steps` SFT steps on the party's own data. Returns the mean loss."""
-    if steps <= 0 or not local_data:
-        return float("nan")
-    model.train()
-    tot = 0.0
-    for _ in range(steps):
-        loss = local_batch_loss(model, tokenizer, local_data, batch_size, rng, device, max_len)
-        optimizer_step(model, opt, loss)
-        tot += loss.item()
-    model.eval()
-    return tot / steps
+    return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples))

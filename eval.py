@@ -95,8 +95,9 @@ def _cut_after_answer(text: str) -> str:
 
 
 class _StopAfterAnswer(StoppingCriteria):
-    """Per row: done once the generated text holds a finished "#### N" line. The row's text is
-    decoded only when its newest token contains a newline, so a step costs one small decode."""
+    """Per row: done once the generated text holds a finished "#### N" line. For models that do not
+    end a path with EOS (checkpoints trained elsewhere); it decodes a row's text whenever its newest
+    token holds a newline, a host sync per token, so models trained here stop on EOS instead."""
 
     def __init__(self, tokenizer, prompt_len: int):
         self.tokenizer = tokenizer
@@ -115,12 +116,14 @@ class _StopAfterAnswer(StoppingCriteria):
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, temperature: float = 0.0,
-             batch_size: int = 32, seed: int | None = None, device=None) -> list[str]:
+             batch_size: int = 512, seed: int | None = None, device=None, stop_at_answer_line: bool = False) -> list[str]:
     """One reasoning path per prompt (the generated text only, cut after its "#### N" line), in the
-    order of `prompts`. Greedy when temperature == 0, else plain temperature sampling (no top-k/p),
-    seeded by `seed` without touching the global RNG; with a seed the result also depends on
-    batch_size, since prompts are batched by length. Prompt ids are tokenizer(prompt,
-    add_special_tokens=False), exactly the ids training puts in front of a path."""
+    order of `prompts`. A row stops at EOS (paths end with EOS, spec §1); `stop_at_answer_line` also
+    stops it after a finished "#### N" line, for models that do not write EOS. Greedy when
+    temperature == 0, else plain temperature sampling (no top-k/p), seeded by `seed` without touching
+    the global RNG; with a seed the result also depends on batch_size, since prompts are batched by
+    length. Prompt ids are tokenizer(prompt, add_special_tokens=False), exactly the ids training
+    puts in front of a path, all tokenized in one call."""
     if not prompts:
         return []
     from tqdm import tqdm
@@ -128,7 +131,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token")
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     if any(len(x) == 0 for x in ids):
         raise ValueError("a prompt tokenizes to no tokens; nothing to condition on")
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))  # longest first: similar lengths share a batch
@@ -148,16 +151,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
             for start in tqdm(starts, desc="generate", leave=False, disable=True if len(starts) <= 1 else None):
                 rows = order[start:start + batch_size]
                 T = max(len(ids[i]) for i in rows)
-                input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T), left padded
-                attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-                for b, i in enumerate(rows):
-                    input_ids[b, T - len(ids[i]):] = torch.tensor(ids[i])
-                    attention_mask[b, T - len(ids[i]):] = 1
+                input_ids = torch.tensor([[pad_id] * (T - len(ids[i])) + ids[i] for i in rows])  # (B, T), left padded
+                attention_mask = torch.tensor([[0] * (T - len(ids[i])) + [1] * len(ids[i]) for i in rows])
+                stop = StoppingCriteriaList([_StopAfterAnswer(tokenizer, T)]) if stop_at_answer_line else None
                 gen = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                    input_ids=_to(input_ids, device), attention_mask=_to(attention_mask, device),
                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                    stopping_criteria=StoppingCriteriaList([_StopAfterAnswer(tokenizer, T)]), use_cache=True,
-                    **sampling)  # (B, T + new)
+                    stopping_criteria=stop, use_cache=True, **sampling)  # (B, T + new)
                 texts = tokenizer.batch_decode(gen[:, T:].tolist(), skip_special_tokens=True,
                                                clean_up_tokenization_spaces=False)
                 for i, text in zip(rows, texts):
@@ -166,16 +166,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
         model.train(was_training)
     return out
 
+
+def _to(t, device):
+    """Host tensor -> device: pinned and non-blocking on CUDA."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
 # -----------------------------------------------------------------------------
 # Evaluation
 
 
-def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 256,
-             device=None) -> dict:
+def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 512, max_new_tokens: int = 256,
+             device=None, stop_at_answer_line: bool = False) -> dict:
     """Greedy accuracy on examples [{"question", "answer" (GSM8K answer field)}]; n == 0 gives NaN."""
     prompts = [format_prompt(ex["question"]) for ex in examples]
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                           batch_size=batch_size, device=device)
+                           batch_size=batch_size, device=device, stop_at_answer_line=stop_at_answer_line)
     n = len(examples)
     result = {"n": n, "completions": completions}
     for mode in MODES:

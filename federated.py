@@ -1,14 +1,17 @@
 """federated.py: LaDa's federated loop (spec §2) and the command line.
 
-    python federated.py --scenario hetero                    # the default run (GPU sizes)
+    python federated.py --scenario hetero                    # GPU sizes on a GPU; without one, the CPU preset
     python federated.py --scenario hetero --smoke            # the whole loop on CPU in about a minute
     python federated.py --scenario hetero --preset cpu       # reduced sizes that learn on a CPU
+    python federated.py --scenario hetero --preset default   # the GPU sizes, wherever it runs
     python federated.py --scenario homo --method fedmkt      # a baseline (local, fedmkt, random, ...)
     python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH   # local checkpoints, real data
     python federated.py --scenario hetero --smoke --resume   # continue an interrupted run (same flags)
 
 One loop serves every scenario and method (the two tables of spec §2): a method is a choice of
-allocation (none, fedmkt's rule, random, the LaDa filter, all) and of loss (sft, dard).
+allocation (none, fedmkt's rule, random, the LaDa filter, all) and of loss (sft, dard). Each step of
+the round is a function of its side (server_* or client_*) whose inputs and outputs are the
+messages of SCHEMA; `run` calls them in order.
 Writes into --out: log.jsonl (one line per round), results.json, results.md, accuracy.png
 (with matplotlib), and ckpt/ (the last finished round, written atomically).
 """
@@ -32,18 +35,19 @@ BASE = dict(
     embed_dim=16,
     alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
     local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
-    gen_temperature=0.7, max_new_tokens=320, max_len=640, eval_batch=128,
+    gen_temperature=0.7, max_new_tokens=320, max_len=640, eval_batch=512, score_batch=256,
     # data (spec §1, §6): generated testbed sizes
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
-    parties="gpu", seed=0, data_seed=-1, device="auto", dtype="fp32", cache="cache",
+    parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
 PRESETS = {
     "default": dict(),
     "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
                 n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
-                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320),
+                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320,
+                eval_batch=128, score_batch=128),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
@@ -77,7 +81,19 @@ def resolve_config(args) -> dict:
         cfg["data_seed"] = cfg["seed"]
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["dtype"] == "auto":  # bf16 autocast on a GPU, fp32 on a CPU (no bf16 matmul units to gain from)
+        cfg["dtype"] = "bf16" if cfg["device"].startswith("cuda") else "fp32"
+    if cfg["dtype"] not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg['dtype']!r}")
+    if not 0.0 <= cfg["filter_optimism"] <= 1.0:
+        raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
+    cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
     return cfg
+
+
+# What a run takes where no GPU is found (measured: README "What to expect")
+CPU_MINUTES = {"cpu": "about 7 minutes from a cold cache on a 2-core CPU, 2 with its warm-ups cached",
+               "default": "days on a CPU (it is sized for one GPU)"}
 
 
 # -----------------------------------------------------------------------------
@@ -145,9 +161,26 @@ def party_specs(cfg):
     return [("llm",) + llm] + [(f"slm{k + 1}",) + s for k, s in enumerate(slms)]
 
 
-def build_parties(cfg, splits):
-    """(models, tokenizers, info) for every party: warmed up on its own data (cached), or loaded."""
-    from models import build_party, load_model
+class Party:
+    """One party of spec §2: its model, tokenizer and optimizer, its local data (tokenized once), its
+    test set, and the filters that live with it (each filter lives with its student). `state` holds
+    what the party computed this round and keeps to itself (its own paths and their scores)."""
+
+    def __init__(self, name, model, tok, cfg, local, test, public, info):
+        from distill import TokenizedSet, make_optimizer
+
+        self.name, self.model, self.tok, self.info, self.test = name, model, tok, info, test
+        self.opt = make_optimizer(model, cfg["lr_llm"] if name == "llm" else cfg["lr"])
+        self.local = TokenizedSet(tok, local, cfg["max_len"])  # D_pub for the LLM, D_k for client k
+        self.public = public  # D_pub is held by the server and visible to all [host]
+        self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
+        self.filters, self.state = {}, {}
+
+
+def build_parties(cfg, splits) -> dict:
+    """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
+    from distill import warm_up
+    from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_party
 
     dev = cfg["device"]
     if cfg["llm"] or cfg["slms"]:
@@ -155,21 +188,35 @@ def build_parties(cfg, splits):
             raise ValueError("--llm and --slms go together")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
-        loaded = [load_model(d, device=dev) for d in dirs]
-        info = {n: dict(path=d, params=sum(p.numel() for p in m.parameters())) for n, d, (m, _) in zip(names, dirs, loaded)}
-        return {n: m for n, (m, _) in zip(names, loaded)}, {n: t for n, (_, t) in zip(names, loaded)}, info
-    corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
-    models, toks, info = {}, {}, {}
-    for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
-        if name == "llm":
-            warm_data, steps = splits["public"] + splits["general"], cfg["warm_llm"]
-        else:
-            warm_data, steps = splits["clients"][i - 1]["private"], cfg["warm_slm"]
-        seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
-        warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
-        models[name], toks[name], info[name] = build_party(name, zoo, tok_spec, corpus, warm_data, warm,
-                                                           cfg["cache"], device=dev, seed=seed)
-    return models, toks, info
+        loaded = {n: load_model(d, device=dev) + (dict(path=d),) for n, d in zip(names, dirs)}
+    else:
+        corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
+        loaded = {}
+        for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
+            if name == "llm":
+                warm_data, steps = splits["public"] + splits["general"], cfg["warm_llm"]
+            else:
+                warm_data, steps = splits["clients"][i - 1]["private"], cfg["warm_slm"]
+            seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
+            warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
+            path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
+            got = load_cached_party(path, device=dev)
+            if got is None:
+                model, tok = new_party(zoo, tok_spec, corpus, seed)
+                t0 = time.time()
+                loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
+                info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo,
+                            tokenizer=list(tok_spec), vocab=len(tok))
+                save_party(path, model, tok, info)
+                got = (model, tok, dict(info, cached=False))
+            loaded[name] = got
+    parties = {}
+    for k, (name, (model, tok, info)) in enumerate(loaded.items()):
+        info.setdefault("params", sum(p.numel() for p in model.parameters()))
+        local = splits["public"] if name == "llm" else splits["clients"][k - 1]["private"]
+        test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
+        parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
+    return parties
 
 
 def fedavg(models, names):
@@ -179,6 +226,193 @@ def fedavg(models, names):
                for k in models[names[0]].state_dict()}
         for n in names:
             models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()})
+
+
+# -----------------------------------------------------------------------------
+# What one party does with a set of questions: its paths, their scores, their correctness
+
+def score(cfg, party, questions, paths):
+    """(summed log-probs, token counts) of each path under the party's model (distill.score_paths)."""
+    from distill import score_paths
+
+    return score_paths(party.model, party.tok, questions, paths, cfg["score_batch"], cfg["device"], cfg["max_len"])
+
+
+def paths_and_scores(cfg, party, questions, seed):
+    """A sampled path for each question (temperature gen_temperature) and its summed log-prob."""
+    from data import format_prompt
+    from eval import generate
+
+    ys = generate(party.model, party.tok, [format_prompt(q) for q in questions], max_new_tokens=cfg["max_new_tokens"],
+                  temperature=cfg["gen_temperature"], batch_size=cfg["eval_batch"], seed=seed, device=cfg["device"],
+                  stop_at_answer_line=cfg["stop_at_answer_line"])
+    lp, n = score(cfg, party, questions, ys)
+    return ys, lp, n
+
+
+def gold_nll(cfg, party, questions):
+    """Per-character NLL of each gold solution (FedMKT's selective rule, compared across tokenizers)."""
+    gold = [party.gold[q] for q in questions]
+    lp, _ = score(cfg, party, questions, gold)
+    return -lp / torch.tensor([max(1, len(g)) for g in gold], dtype=torch.float32)
+
+
+def correctness(party, questions, paths):
+    """0/1 per path: does it end in the gold answer of its (public) question?"""
+    import eval as ev
+
+    return torch.tensor([float(ev.is_correct(y, party.gold[q])) for q, y in zip(questions, paths)])
+
+
+def embeddings(cfg, party, questions):
+    """The student's embedding of each question (spec §3.1): projected mean final hidden state."""
+    from data import format_prompt
+    from filter import project_embeddings
+    from models import mean_hidden
+
+    h = mean_hidden(party.model, party.tok, [format_prompt(q) for q in questions], cfg["score_batch"], cfg["device"])
+    return project_embeddings(h, cfg["embed_dim"], cfg["seed"])
+
+
+def chars(paths):
+    return torch.tensor([len(y) for y in paths], dtype=torch.float32)
+
+
+def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rng):
+    """Spec §2 step 5: the indices of the pool this student learns from."""
+    n = feats.shape[0]
+    if kind == "all":
+        return list(range(n))
+    if kind == "random":
+        return sorted(rng.sample(range(n), min(cfg["budget"], n)))
+    if kind == "fedmkt":  # learn where the teacher fits the gold solution better than the student
+        return [i for i in range(n) if nll_teacher_gold[i] < nll_student_gold[i]]
+    return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
+
+
+def reward_and_update(cfg, student, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
+    """Spec §2 step 7 / §3.3: the student re-scores the sent paths it trained on; the rewards update
+    its filter (when it has one). Returns the mean reward."""
+    from filter import learnability_reward
+
+    lp_after, n_after = score(cfg, student, [qs[i] for i in idx], [paths[i] for i in idx])
+    r = learnability_reward(-lp_before[idx] / n_before[idx], -lp_after / n_after, correct[idx])
+    if filt is not None:
+        filt.update(feats[idx], emb[idx], r)
+    return float(r.mean())
+
+
+# -----------------------------------------------------------------------------
+# The round of spec §2, one function per step. Each takes the messages it receives and returns the
+# message it sends (a dict of SCHEMA); what a party keeps to itself stays in its `state`. Server-side
+# functions take the server (the LLM's Party), client-side ones a client; nothing else is shared, so
+# a transport other than function calls can carry the messages.
+
+def local_step(party, cfg, rng) -> float:
+    """1. The party trains on its own local data (SFT, local_steps). Returns the mean loss."""
+    from distill import local_sft
+
+    return local_sft(party.model, party.tok, party.opt, party.local, cfg["local_steps"], cfg["local_batch"], rng,
+                     cfg["device"])
+
+
+def server_offer(server, cfg, rnd, rng) -> dict:
+    """2. Server -> clients: a pool of public questions, the LLM's sampled path for each and its
+    score of it ("pool"; with fedmkt also the LLM's per-character NLL of each gold solution)."""
+    qs = [p["question"] for p in rng.sample(server.public, min(cfg["pool_size"], len(server.public)))]
+    y, lp, n = paths_and_scores(cfg, server, qs, cfg["seed"] * 10**6 + rnd)
+    server.state = dict(qs=qs, y=y, lp_y=lp, n_y=n, c_y=correctness(server, qs, y), clients={})
+    offer = {"questions": qs, "y_llm": y, "logp_llm_yllm": lp}
+    if METHODS[cfg["method"]][0] == "fedmkt":
+        server.state["nll_gold"] = offer["nll_gold_llm"] = gold_nll(cfg, server, qs)
+    if METHODS[cfg["method"]][0] == "filter" and cfg["scenario"] != "llm2slm":  # F_k^up's context
+        server.state["emb"] = embeddings(cfg, server, qs)
+    return offer
+
+
+def client_answer(client, offer, cfg, rnd, k) -> dict:
+    """3. Client k -> server: its own sampled path for each pooled question and its scores of both
+    paths ("client_paths"; with fedmkt also its per-character NLL of each gold solution)."""
+    qs = offer["questions"]
+    y, lp_y, n_y = paths_and_scores(cfg, client, qs, cfg["seed"] * 10**6 + 1000 * (k + 1) + rnd)
+    lp_yllm, n_yllm = score(cfg, client, qs, offer["y_llm"])
+    client.state = dict(y=y, lp_y=lp_y, n_y=n_y, lp_yllm=lp_yllm, n_yllm=n_yllm)
+    reply = {"y_slm": y, "logp_slm_yslm": lp_y, "logp_slm_yllm": lp_yllm}
+    if METHODS[cfg["method"]][0] == "fedmkt":
+        client.state["nll_gold"] = reply["nll_gold_slm"] = gold_nll(cfg, client, qs)
+    return reply
+
+
+def server_score(server, name, reply, cfg) -> dict:
+    """4. Server -> client k: the LLM's score of the client's paths ("llm_score")."""
+    st = server.state
+    lp, n = score(cfg, server, st["qs"], reply["y_slm"])
+    st["clients"][name] = dict(reply=reply, lp_yk=lp, n_yk=n, c_yk=correctness(server, st["qs"], reply["y_slm"]))
+    return {"logp_llm_yslm": lp}
+
+
+def client_learn(client, offer, llm_score, cfg, rng) -> dict:
+    """5, 6, 7 on client k: F_k^down picks A_k (student S_k, teacher L), S_k distills on it
+    (y+ = y_L, y- = y_k), re-scores y_L and updates F_k^down with the rewards.
+    Returns {"selected", "reward" (None if nothing was picked), "losses"}."""
+    from distill import distill, teacher_targets
+    from filter import sample_features
+
+    alloc, loss = METHODS[cfg["method"]]
+    st, qs, y_llm = client.state, offer["questions"], offer["y_llm"]
+    c_llm, c_k = correctness(client, qs, y_llm), correctness(client, qs, st["y"])
+    len_llm, len_k = chars(y_llm), chars(st["y"])
+    feats = sample_features(st["lp_yllm"], offer["logp_llm_yllm"], st["lp_y"], llm_score["logp_llm_yslm"],
+                            len_llm, len_k, c_llm, c_k)
+    filt = client.filters.get("down")
+    emb = embeddings(cfg, client, qs) if filt is not None else None
+    A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), cfg, rng)  # 5
+    q = teacher_targets(offer["logp_llm_yllm"], llm_score["logp_llm_yslm"], len_llm, len_k, c_llm, c_k, cfg["tau"])
+    samples = [dict(question=qs[i], y_pos=y_llm[i], y_neg=st["y"][i], q=float(q[i]), correct_pos=bool(c_llm[i]))
+               for i in A]
+    stats = distill(client.model, client.tok, client.opt, samples, client.local, loss, cfg, rng, cfg["device"])  # 6
+    reward = (reward_and_update(cfg, client, qs, y_llm, A, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
+              if A else None)  # 7
+    return dict(selected=len(A), reward=reward, losses={k: v for k, v in stats.items() if k not in ("steps", "n")})
+
+
+def server_pick(server, name, cfg, rng) -> list[int]:
+    """5' on the server: F_k^up picks B_k (student L, teacher S_k) from client k's reply."""
+    from filter import sample_features
+
+    alloc = METHODS[cfg["method"]][0]
+    st, ck = server.state, server.state["clients"][name]
+    reply = ck["reply"]
+    ck["feats"] = sample_features(ck["lp_yk"], reply["logp_slm_yslm"], st["lp_y"], reply["logp_slm_yllm"],
+                                  chars(reply["y_slm"]), chars(st["y"]), ck["c_yk"], st["c_y"])
+    ck["B"] = allocate(alloc, server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"), reply.get("nll_gold_slm"),
+                       st.get("nll_gold"), cfg, rng)
+    return ck["B"]
+
+
+def server_learn(server, cfg, rng) -> dict:
+    """6', 7' on the server: L distills on the union of the B_k (teacher S_k: y+ = y_k, y- = y_L),
+    then re-scores each y_k it trained on and updates F_k^up. Returns {"losses", "rewards"}."""
+    from distill import distill, teacher_targets
+
+    loss = METHODS[cfg["method"]][1]
+    st = server.state
+    qs, len_llm, samples = st["qs"], chars(st["y"]), []
+    for name, ck in st["clients"].items():
+        if "B" not in ck:
+            continue
+        reply = ck["reply"]
+        q_up = teacher_targets(reply["logp_slm_yslm"], reply["logp_slm_yllm"], chars(reply["y_slm"]), len_llm,
+                               ck["c_yk"], st["c_y"], cfg["tau"])
+        samples += [dict(question=qs[i], y_pos=reply["y_slm"][i], y_neg=st["y"][i], q=float(q_up[i]),
+                         correct_pos=bool(ck["c_yk"][i])) for i in ck["B"]]
+    stats = distill(server.model, server.tok, server.opt, samples, server.local, loss, cfg, rng, cfg["device"])  # 6'
+    rewards = {}
+    for name, ck in st["clients"].items():  # 7': what L learned of each y_k (novel to the LLM)
+        if ck.get("B"):
+            rewards[name] = reward_and_update(cfg, server, qs, ck["reply"]["y_slm"], ck["B"], ck["lp_yk"], ck["n_yk"],
+                                              ck["c_yk"], server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"))
+    return dict(losses={k: v for k, v in stats.items() if k not in ("steps", "n")}, rewards=rewards)
 
 
 # -----------------------------------------------------------------------------
@@ -248,225 +482,149 @@ def write_report(out, results):
 
 
 # -----------------------------------------------------------------------------
-# One party's view of the pool: its paths, their scores, correctness
+# The run: data and parties, then `for rnd in range(rounds)`, the steps of spec §2 in order
 
-def score(cfg, model, tok, questions, paths):
-    """(summed log-probs, token counts) of each path under `model` (distill.score_paths with the run's sizes)."""
-    from distill import score_paths
+def phase(times: dict, name: str, dev: str):
+    """Add the seconds of a `with` block to times[name] (the GPU's queue drained first, so a phase is
+    charged for its own kernels; one sync per phase)."""
+    class _Timer:
+        def __enter__(self):
+            self.t0 = time.time()
 
-    return score_paths(model, tok, questions, paths, cfg["distill_batch"] * 2, cfg["device"], cfg["max_len"])
-
-
-def paths_and_scores(cfg, model, tok, questions, seed):
-    """A sampled path for each question (temperature gen_temperature) and its summed log-prob."""
-    from data import format_prompt
-    from eval import generate
-
-    ys = generate(model, tok, [format_prompt(q) for q in questions], max_new_tokens=cfg["max_new_tokens"],
-                  temperature=cfg["gen_temperature"], batch_size=cfg["eval_batch"], seed=seed, device=cfg["device"])
-    lp, n = score(cfg, model, tok, questions, ys)
-    return ys, lp, n
-
-
-def gold_nll(cfg, model, tok, pool):
-    """Per-character NLL of each gold solution (FedMKT's selective rule, compared across tokenizers)."""
-    lp, _ = score(cfg, model, tok, [p["question"] for p in pool], [p["answer"] for p in pool])
-    return -lp / torch.tensor([max(1, len(p["answer"])) for p in pool], dtype=torch.float32)
-
-
-def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rng):
-    """Spec §2 step 5: the indices of the pool this student learns from."""
-    n = feats.shape[0]
-    if kind == "all":
-        return list(range(n))
-    if kind == "random":
-        return sorted(rng.sample(range(n), min(cfg["budget"], n)))
-    if kind == "fedmkt":  # learn where the teacher fits the gold solution better than the student
-        return [i for i in range(n) if nll_teacher_gold[i] < nll_student_gold[i]]
-    return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
-
-
-def reward_and_update(cfg, model, tok, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
-    """Spec §2 step 7 / §3.3: the student re-scores the sent paths it trained on; the rewards update
-    its filter (when it has one). Returns the mean reward."""
-    from filter import learnability_reward
-
-    lp_after, n_after = score(cfg, model, tok, [qs[i] for i in idx], [paths[i] for i in idx])
-    r = learnability_reward(-lp_before[idx] / n_before[idx], -lp_after / n_after, correct[idx])
-    if filt is not None:
-        filt.update(feats[idx], emb[idx], r)
-    return float(r.mean())
+        def __exit__(self, *exc):
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[name] = round(times.get(name, 0.0) + time.time() - self.t0, 2)
+    return _Timer()
 
 
 def run(cfg):
-    import data as data_mod
     import eval as ev
-    from distill import distill, local_sft, teacher_targets
-    from filter import FEATURE_DIM, LearnabilityFilter, project_embeddings, sample_features
-    from models import mean_hidden
+    from distill import autocast
+    from filter import FEATURE_DIM, LearnabilityFilter
 
-    if not 0.0 <= cfg["filter_optimism"] <= 1.0:
-        raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
     out = Path(cfg["out"])
-    ckpt = out / "ckpt"
-    if ckpt.exists() and not cfg["resume"]:
+    if (out / "ckpt").exists() and not cfg["resume"]:
         raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps({k: v for k, v in cfg.items()}, indent=None))
+    print(json.dumps(cfg), flush=True)
     torch.manual_seed(cfg["seed"])
     dev = cfg["device"]
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bf16" and dev.startswith("cuda") else nullcontext()
+    if dev.startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    alloc, _ = METHODS[cfg["method"]]
+    frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
+    amp = autocast(dev, cfg["dtype"])  # bf16 on CUDA for warm-up, local steps, distillation, scoring, generation
+    setup_times = {}
 
     # --- data and parties (spec §1, §6)
     n_slm = len(party_specs(cfg)) - 1 if not cfg["slms"] else len(cfg["slms"].split(","))
     splits = make_data(cfg, n_slm)
-    models, toks, info = build_parties(cfg, splits)
-    names = list(models)
-    slms = names[1:]
-    alloc, loss = METHODS[cfg["method"]]
-    frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
-    public = splits["public"]
-    local = {"llm": public, **{n: splits["clients"][k]["private"] for k, n in enumerate(slms)}}
-    tests = {"llm": splits["public_test"], **{n: splits["clients"][k]["test"] for k, n in enumerate(slms)}}
-    opts = {n: torch.optim.AdamW(models[n].parameters(), lr=cfg["lr_llm"] if n == "llm" else cfg["lr"],
-                                 weight_decay=0.0) for n in names}
-    filters = {}
+    with amp, phase(setup_times, "warm-up", dev):
+        parties = build_parties(cfg, splits)
+    server, clients = parties["llm"], [p for n, p in parties.items() if n != "llm"]
     if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
-        for k, n in enumerate(slms):
-            mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"],
-                                              cfg["threshold"], epochs=cfg["filter_epochs"], seed=s, reward_scale="q90",
-                                              optimism=cfg["filter_optimism"])
-            filters[f"down/{n}"] = mk(cfg["seed"] * 100 + 2 * k)
+        mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
+                                          epochs=cfg["filter_epochs"], seed=s, reward_scale="q90",
+                                          optimism=cfg["filter_optimism"])
+        for k, c in enumerate(clients):
+            c.filters["down"] = mk(cfg["seed"] * 100 + 2 * k)
             if not frozen_llm:
-                filters[f"up/{n}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
+                server.filters[f"up/{c.name}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
+    # the checkpoint's view of every party's state
+    models = {n: p.model for n, p in parties.items()}
+    toks = {n: p.tok for n, p in parties.items()}
+    opts = {n: p.opt for n, p in parties.items()}
+    filters = {**{f"down/{c.name}": c.filters["down"] for c in clients if "down" in c.filters},
+               **{k: f for k, f in server.filters.items()}}
 
     def evaluate_all():
         accs, strict = {}, {}
         with amp:
-            for n in names:
-                r = ev.evaluate(models[n], toks[n], tests[n], batch_size=cfg["eval_batch"],
-                                max_new_tokens=cfg["max_new_tokens"], device=dev)
+            for n, p in parties.items():
+                r = ev.evaluate(p.model, p.tok, p.test, batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
+                                device=dev, stop_at_answer_line=cfg["stop_at_answer_line"])
                 accs[n], strict[n] = r["flexible"], r["strict"]
         return accs, strict
 
     start = 0
-    if cfg["resume"] and ckpt.exists():
+    if cfg["resume"] and (out / "ckpt").exists():
         start, results = load_checkpoint(out, cfg, models, opts, filters)
         print(f"resuming after round {start}")
     else:
-        acc0, strict0 = evaluate_all()
-        results = {"config": cfg, "parties": info, "initial": acc0, "initial_strict": strict0, "rounds": []}
+        with phase(setup_times, "evaluation", dev):
+            acc0, strict0 = evaluate_all()
+        results = {"config": cfg, "parties": {n: p.info for n, p in parties.items()}, "initial": acc0,
+                   "initial_strict": strict0, "seconds": setup_times, "rounds": []}
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
-    print("parties:", json.dumps(info))
-    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()})
+    print("parties:", json.dumps(results["parties"]))
+    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
 
+    t_rounds = time.time()
     for rnd in range(start + 1, cfg["rounds"] + 1):
         t0 = time.time()
-        rng = random.Random(f"{cfg['seed']}-{rnd}")
+        rng = {n: random.Random(f"{cfg['seed']}-{rnd}-{n}") for n in parties}  # each party's own randomness
         torch.manual_seed(cfg["seed"] * 1000 + rnd)
-        traffic, selected, rewards, losses, errors = {}, {}, {}, {}, {}
+        traffic, selected, rewards, losses, errors, times = {}, {}, {}, {}, {}, {}
         with amp:
             # --- 1. local step: every party on its own data (the frozen LLM of llm2slm excepted)
-            for n in names:
-                if not (n == "llm" and frozen_llm):
-                    losses[f"local/{n}"] = local_sft(models[n], toks[n], opts[n], local[n], cfg["local_steps"],
-                                                     cfg["local_batch"], rng, dev, cfg["max_len"])
-            if cfg["scenario"] == "homo":  # FedAvg of the homogeneous SLMs' weights
-                for n in slms:
-                    send({"state_dict": models[n].state_dict()}, "weights", traffic, "up")
-                fedavg(models, slms)
-                for n in slms:
-                    send({"state_dict": models[n].state_dict()}, "weights", traffic, "down")
+            with phase(times, "local", dev):
+                for n, p in parties.items():
+                    if not (n == "llm" and frozen_llm):
+                        losses[f"local/{n}"] = local_step(p, cfg, rng[n])
+            if cfg["scenario"] == "homo":  # FedAvg of the homogeneous SLMs' weights, after the local step
+                with phase(times, "fedavg", dev):
+                    for c in clients:
+                        send({"state_dict": c.model.state_dict()}, "weights", traffic, "up")
+                    fedavg(models, [c.name for c in clients])
+                    for c in clients:
+                        send({"state_dict": c.model.state_dict()}, "weights", traffic, "down")
 
             if alloc is not None:
-                # --- 2. server -> clients: the pool, the LLM's paths and its scores of them
-                pool = rng.sample(public, min(cfg["pool_size"], len(public)))
-                qs = [p["question"] for p in pool]
-                gold = [p["answer"] for p in pool]  # public: both sides check paths against it
-                y_llm, lp_llm_yllm, n_llm_yllm = paths_and_scores(cfg, models["llm"], toks["llm"], qs, cfg["seed"] * 10**6 + rnd)
-                c_llm = torch.tensor([float(ev.is_correct(y, g)) for y, g in zip(y_llm, gold)])
-                pool_msg = {"questions": qs, "y_llm": y_llm, "logp_llm_yllm": lp_llm_yllm}
-                if alloc == "fedmkt":
-                    pool_msg["nll_gold_llm"] = gold_nll(cfg, models["llm"], toks["llm"], pool)
-                llm_side = []  # what the server learns, per client: (name, samples for the LLM, reward inputs)
-                if not frozen_llm:  # the server's embedding of each pooled question (F_k^up's context)
-                    emb_up = project_embeddings(mean_hidden(models["llm"], toks["llm"], [data_mod.format_prompt(x) for x in qs],
-                                                            cfg["eval_batch"], dev), cfg["embed_dim"], cfg["seed"])
-                for k, n in enumerate(slms):
-                    try:
-                        msg = send(pool_msg, "pool", traffic, "down")
-                        # --- 3. client k -> server: its own paths and its scores of both paths
-                        y_k, lp_k_yk, n_k_yk = paths_and_scores(cfg, models[n], toks[n], msg["questions"],
-                                                                cfg["seed"] * 10**6 + 1000 * (k + 1) + rnd)
-                        lp_k_yllm, n_k_yllm = score(cfg, models[n], toks[n], qs, msg["y_llm"])
-                        up = {"y_slm": y_k, "logp_slm_yslm": lp_k_yk, "logp_slm_yllm": lp_k_yllm}
-                        if alloc == "fedmkt":
-                            up["nll_gold_slm"] = gold_nll(cfg, models[n], toks[n], pool)
-                        up = send(up, "client_paths", traffic, "up")
-                        # --- 4. server -> client k: the LLM's score of the client's paths
-                        lp_llm_yk, n_llm_yk = score(cfg, models["llm"], toks["llm"], qs, up["y_slm"])
-                        down = send({"logp_llm_yslm": lp_llm_yk}, "llm_score", traffic, "down")
-                        c_k = torch.tensor([float(ev.is_correct(y, g)) for y, g in zip(y_k, gold)])
-                        len_llm = torch.tensor([len(y) for y in y_llm], dtype=torch.float32)
-                        len_k = torch.tensor([len(y) for y in y_k], dtype=torch.float32)
-
-                        # --- 5. allocation on the client: F_k^down picks A_k (student S_k, teacher L)
-                        feats = sample_features(lp_k_yllm, msg["logp_llm_yllm"], lp_k_yk, down["logp_llm_yslm"],
-                                                len_llm, len_k, c_llm, c_k)
-                        emb = project_embeddings(mean_hidden(models[n], toks[n], [data_mod.format_prompt(q) for q in qs],
-                                                             cfg["eval_batch"], dev), cfg["embed_dim"], cfg["seed"])
-                        A = allocate(alloc, filters.get(f"down/{n}"), feats, emb, msg.get("nll_gold_llm"),
-                                     up.get("nll_gold_slm"), cfg, rng)
-                        q = teacher_targets(msg["logp_llm_yllm"], down["logp_llm_yslm"], len_llm, len_k, c_llm, c_k, cfg["tau"])
-                        samples = [dict(question=qs[i], y_pos=y_llm[i], y_neg=y_k[i], q=float(q[i]),
-                                        correct_pos=bool(c_llm[i])) for i in A]
-                        # --- 6. distillation on the client (teacher L: y+ = y_L, y- = y_k)
-                        st = distill(models[n], toks[n], opts[n], samples, local[n], loss, cfg, rng, dev)
-                        losses.update({f"{key}/{n}": v for key, v in st.items() if key not in ("steps", "n")})
-                        # --- 7. rewards: what S_k learned of y_L, and the filter's update
-                        if A:
-                            rewards[f"down/{n}"] = reward_and_update(cfg, models[n], toks[n], qs, y_llm, A, lp_k_yllm, n_k_yllm,
-                                                                     c_llm, filters.get(f"down/{n}"), feats, emb)
-                        selected[f"down/{n}"] = len(A)
-
-                        # --- 5'. allocation on the server: F_k^up picks B_k (student L, teacher S_k)
+                with phase(times, "2 server_offer", dev):
+                    offer = server_offer(server, cfg, rnd, rng["llm"])
+                for k, c in enumerate(clients):
+                    try:  # a failing client is logged and skipped; the round goes on for the others
+                        msg = send(offer, "pool", traffic, "down")
+                        with phase(times, "3 client_answer", dev):
+                            reply = send(client_answer(c, msg, cfg, rnd, k), "client_paths", traffic, "up")
+                        with phase(times, "4 server_score", dev):
+                            score_msg = send(server_score(server, c.name, reply, cfg), "llm_score", traffic, "down")
+                        with phase(times, "5-7 client_learn", dev):
+                            got = client_learn(c, msg, score_msg, cfg, rng[c.name])
+                        selected[f"down/{c.name}"] = got["selected"]
+                        losses.update({f"{key}/{c.name}": v for key, v in got["losses"].items()})
+                        if got["reward"] is not None:
+                            rewards[f"down/{c.name}"] = got["reward"]
                         if not frozen_llm:
-                            feats_up = sample_features(lp_llm_yk, up["logp_slm_yslm"], lp_llm_yllm, up["logp_slm_yllm"],
-                                                       len_k, len_llm, c_k, c_llm)
-                            B = allocate(alloc, filters.get(f"up/{n}"), feats_up, emb_up, up.get("nll_gold_slm"),
-                                         msg.get("nll_gold_llm"), cfg, rng)
-                            q_up = teacher_targets(up["logp_slm_yslm"], up["logp_slm_yllm"], len_k, len_llm, c_k, c_llm, cfg["tau"])
-                            llm_side.append((n, [dict(question=qs[i], y_pos=y_k[i], y_neg=y_llm[i], q=float(q_up[i]),
-                                                      correct_pos=bool(c_k[i])) for i in B], B, feats_up, emb_up, lp_llm_yk, n_llm_yk, c_k, y_k))
-                            selected[f"up/{n}"] = len(B)
-                    except Exception as e:  # a failing client is logged and skipped; the round goes on
-                        errors[n] = f"{type(e).__name__}: {e}"
-                        print(f"round {rnd}: client {n} failed and is skipped ({errors[n]})", file=sys.stderr)
-
-                # --- 6'. distillation on the server: L learns from the union of the B_k
-                if llm_side:
-                    samples = [s for _, ss, *_ in llm_side for s in ss]
-                    st = distill(models["llm"], toks["llm"], opts["llm"], samples, local["llm"], loss, cfg, rng, dev)
-                    losses.update({f"{key}/llm": v for key, v in st.items() if key not in ("steps", "n")})
-                    # --- 7'. rewards: what L learned of each y_k (novel to the LLM)
-                    for n, _, B, feats_up, emb_up, lp_before, n_before, c_k, y_k in llm_side:
-                        if not B:
-                            continue
-                        rewards[f"up/{n}"] = reward_and_update(cfg, models["llm"], toks["llm"], qs, y_k, B, lp_before, n_before,
-                                                               c_k, filters.get(f"up/{n}"), feats_up, emb_up)
+                            with phase(times, "5' server_pick", dev):
+                                selected[f"up/{c.name}"] = len(server_pick(server, c.name, cfg, rng["llm"]))
+                    except Exception as e:
+                        errors[c.name] = f"{type(e).__name__}: {e}"
+                        print(f"round {rnd}: client {c.name} failed and is skipped ({errors[c.name]})", file=sys.stderr)
+                if not frozen_llm:
+                    with phase(times, "6'-7' server_learn", dev):
+                        got = server_learn(server, cfg, rng["llm"])
+                    losses.update({f"{key}/llm": v for key, v in got["losses"].items()})
+                    rewards.update({f"up/{n}": r for n, r in got["rewards"].items()})
 
         # --- evaluation, log, checkpoint
-        acc, strict = evaluate_all()
+        with phase(times, "evaluation", dev):
+            acc, strict = evaluate_all()
         entry = {"round": rnd, "accuracy": acc, "strict": strict, "selected": selected, "reward": rewards,
                  "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
-                 "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1)}
+                 "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
         results["rounds"].append(entry)
-        save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results)
+        with phase(times, "checkpoint", dev):
+            save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results)
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         write_report(out, results)
-        print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s) accuracy", {n: round(a, 3) for n, a in acc.items()},
-              "selected", selected, "MB", {d: round(b / 1e6, 3) for d, b in traffic.items()}, flush=True)
+        done = rnd - start
+        eta = (time.time() - t_rounds) / done * (cfg["rounds"] - rnd)
+        print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
+              {n: round(a, 3) for n, a in acc.items()}, "selected", selected,
+              "MB", {d: round(b / 1e6, 3) for d, b in traffic.items()}, flush=True)
     print(write_report(out, results))
     return results
 
@@ -485,7 +643,7 @@ HELP = {
     "local_batch": "local SFT batch size", "distill_epochs": "passes over the allocated samples",
     "distill_batch": "pairs per distillation step", "lr": "SLM learning rate (AdamW)", "lr_llm": "LLM learning rate",
     "gen_temperature": "sampling temperature of the exchanged paths", "max_new_tokens": "tokens per generated path",
-    "max_len": "tokens per training sequence (prompt + path)", "eval_batch": "prompts per generation batch",
+    "max_len": "tokens per training sequence (prompt + path)",
     "n_public": "public pool size", "n_private": "private examples per client", "n_val": "validation examples per party",
     "n_test": "test examples per party", "n_general": "extra general data for the LLM warm-up",
     "dirichlet": "Dirichlet alpha of the clients' domain mixes (smaller = more non-IID)",
@@ -494,7 +652,8 @@ HELP = {
     "warm_slm": "SLM warm-up steps", "warm_batch": "warm-up batch size", "warm_lr": "warm-up learning rate",
     "parties": "model sizes: gpu | cpu | smoke", "seed": "random seed of the rounds (pools, sampling, filters)",
     "data_seed": "seed of the data splits, initializations and warm-ups (-1 = --seed)", "device": "auto | cpu | cuda",
-    "dtype": "fp32 | bf16 (autocast on CUDA)", "cache": "directory of warmed-up models",
+    "dtype": "auto | fp32 | bf16 (autocast on CUDA; auto = bf16 on CUDA, fp32 on CPU)",
+    "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }
 
 
@@ -509,7 +668,8 @@ def parse_args(argv=None):
     # what to run
     p.add_argument("--scenario", default="hetero", choices=SCENARIOS)
     p.add_argument("--method", default="lada", choices=list(METHODS))
-    p.add_argument("--preset", default="default", choices=list(PRESETS), help="size preset (default = GPU sizes)")
+    p.add_argument("--preset", choices=list(PRESETS), help="size preset: default (GPU sizes), cpu, smoke "
+                   "(default: 'default' on a GPU, 'cpu' without one)")
     p.add_argument("--smoke", action="store_true", help="the smoke preset: whole loop on CPU in about a minute")
     p.add_argument("--llm_size", default="large", choices=["large", "mid"], help="LLM of the preset: large or mid-size")
     # real models and data
@@ -526,16 +686,36 @@ def parse_args(argv=None):
     return args
 
 
+def choose_preset(args, has_gpu: bool):
+    """(preset, notice): without --preset, the GPU sizes on a GPU and the CPU preset elsewhere; the
+    notice (one line or None) says what runs when that is not what a GPU user would get."""
+    on_cpu = args.device == "cpu" or (args.device in (None, "auto") and not has_gpu)
+    if args.smoke:
+        return "smoke", None
+    if args.preset is None:
+        if on_cpu:  # the GPU sizes would run for days here: say so, and run what fits
+            return "cpu", (f"federated.py: no GPU, so this runs --preset cpu ({CPU_MINUTES['cpu']}); "
+                           "--preset default runs the GPU sizes anyway")
+        return "default", None
+    if args.preset == "default" and on_cpu:
+        return "default", (f"federated.py: warning: --preset default without a GPU takes {CPU_MINUTES['default']}; "
+                           f"--preset cpu takes {CPU_MINUTES['cpu']}")
+    return args.preset, None
+
+
 def main(argv=None):
     from data import DataError
     from models import ModelError
 
     args = parse_args(argv)
-    cfg = resolve_config(args)
+    args.preset, notice = choose_preset(args, torch.cuda.is_available())
     preset = "smoke" if args.smoke else args.preset
-    cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
-    cfg["resume"] = args.resume
     try:
+        cfg = resolve_config(args)
+        cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
+        cfg["resume"] = args.resume
+        if notice:
+            print(notice, file=sys.stderr, flush=True)
         run(cfg)
     except (DataError, ModelError, ValueError, FileNotFoundError) as e:
         print(f"federated.py: error: {e}", file=sys.stderr)

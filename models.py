@@ -1,4 +1,4 @@
-"""models.py: tokenizers, the small model zoo, save/load, warm-up, and the fused-kernel accessor.
+"""models.py: tokenizers, the small model zoo, save/load, the warm-up cache, and the fused-kernel accessor.
 
 Everything is built locally (no hub): tokenizers are trained with the `tokenizers` library on the
 generated corpus and saved in the Hugging Face format; models are `transformers` configs with
@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
@@ -178,82 +177,74 @@ def load_model(path, device="cpu", dtype=None):
 # -----------------------------------------------------------------------------
 # The fused-kernel accessor (spec §5)
 
-def hidden_and_head(model, input_ids, attention_mask):
-    """Final hidden states after the final norm (B, T, d) and the output head weight (V, d)."""
+def hidden_and_head(model, input_ids, attention_mask=None):
+    """Final hidden states after the final norm (B, T, d) and the output head weight (V, d).
+    Right-padded batches need no attention_mask (a causal model's real positions never see the pads)."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
     return out.last_hidden_state, model.get_output_embeddings().weight
 
 
 # -----------------------------------------------------------------------------
-# Warm-up: SFT of a party on its own data, cached by a hash of everything that determines it
+# The warm-up cache: a party's warmed-up model stored by a hash of everything that determines it
+# (the training itself is distill.warm_up)
+
+WARM_UP_VERSION = 2  # bumped when distill.warm_up changes what it computes (2: length-bucketed batches)
+
 
 def fingerprint(*objs) -> str:
     return hashlib.sha256(json.dumps(objs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: float = 3e-3,
-            seed: int = 0, device="cpu", desc="warm-up", max_len: int = 512):
-    """`steps` AdamW steps of SFT on (question, gold solution) pairs; returns the mean loss of the last 20."""
-    import random
-    import sys
-    import time
-
-    from distill import local_batch_loss, optimizer_step
-
-    rng = random.Random(seed)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
-    losses, t0, tty = [], time.time(), sys.stderr.isatty()
-    for step in (bar := tqdm(range(steps), desc=desc, leave=False, disable=None)):  # a bar on a terminal ...
-        loss = local_batch_loss(model, tokenizer, examples, batch_size, rng, device, max_len)
-        optimizer_step(model, opt, loss)
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if not tty and (step + 1) % max(1, steps // 10) == 0:  # ... and a line per tenth off one (logs, pipes)
-            print(f"{desc}: step {step + 1}/{steps}, loss {loss.item():.3f}, {time.time() - t0:.0f} s", flush=True)
-    model.eval()
-    return sum(losses[-20:]) / max(1, len(losses[-20:]))
-
-
-def build_party(name: str, zoo_name: str, tok_spec: tuple, corpus: list[str], warm_data: list[dict],
-                warm: dict, cache_dir, device="cpu", seed: int = 0, max_len: int = 1024):
-    """Build (tokenizer, model) for one party and warm it up, or load it from the cache.
-
-    tok_spec: ("char",) or ("bpe", vocab_size). warm: dict(steps, batch_size, lr).
-    Returns (model, tokenizer, info) with info = dict(params, warm_seconds, warm_loss, cached).
-    """
-    import time
-
-    key = fingerprint(name, zoo_name, ZOO[zoo_name], tok_spec, warm, seed, max_len,
+def party_cache_dir(cache_dir, name: str, zoo_name: str, tok_spec: tuple, corpus: list[str], warm_data: list[dict],
+                    warm: dict, seed: int = 0, max_len: int = 1024) -> Path:
+    """Where the warmed-up party lives in the cache (a hash of zoo entry, tokenizer, data, warm-up, seed)."""
+    key = fingerprint(WARM_UP_VERSION, name, zoo_name, ZOO[zoo_name], tok_spec, warm, seed, max_len,
                       fingerprint([e["question"] + e["answer"] for e in warm_data]), fingerprint(corpus[:2000]))
-    path = Path(cache_dir) / f"{name}-{key}"
-    if (path / "info.json").is_file():
-        model, tok = load_model(path, device=device)
-        return model, tok, dict(json.loads((path / "info.json").read_text()), cached=True)
+    return Path(cache_dir) / f"{name}-{key}"
+
+
+def load_cached_party(path, device="cpu"):
+    """(model, tokenizer, info) from a finished cache entry, or None. An entry counts as finished only
+    once info.json is in it (written last, atomically), so a half-written entry is never loaded."""
+    path = Path(path)
+    if not (path / "info.json").is_file():
+        return None
+    model, tok = load_model(path, device=device)
+    return model, tok, dict(json.loads((path / "info.json").read_text()), cached=True)
+
+
+def new_party(zoo_name: str, tok_spec: tuple, corpus: list[str], seed: int = 0, max_len: int = 1024):
+    """(model, tokenizer) before warm-up: a tokenizer trained on `corpus` (tok_spec ("char",) or
+    ("bpe", vocab_size)) and a randomly initialized model of the zoo entry."""
     tok = build_tokenizer(tok_spec[0], corpus, *tok_spec[1:])
-    model = build_model(tokenizer=tok, max_len=max_len, seed=seed, **ZOO[zoo_name])
-    t0 = time.time()
-    loss = warm_up(model, tok, warm_data, seed=seed, device=device, desc=f"warm-up {name}", **warm)
-    info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo_name,
-                tokenizer=list(tok_spec), vocab=len(tok))
-    save_model(model, tok, path)
-    (path / "info.json").write_text(json.dumps(info))
-    return model, tok, dict(info, cached=False)
+    return build_model(tokenizer=tok, max_len=max_len, seed=seed, **ZOO[zoo_name]), tok
+
+
+def save_party(path, model, tokenizer, info: dict):
+    """Store a warmed-up party in the cache: model and tokenizer, then info.json, in one atomic rename."""
+    tmp = atomic_dir(path)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "info.json").write_text(json.dumps(info))
+    commit_dir(tmp, path)
 
 
 @torch.no_grad()
-def mean_hidden(model, tokenizer, texts, batch_size=64, device="cpu"):
-    """Mean-pooled final hidden state of each text (n, d): the sample embedding of spec §3.1."""
+def mean_hidden(model, tokenizer, texts, batch_size=256, device="cpu"):
+    """Mean-pooled final hidden state of each text (n, d): the sample embedding of spec §3.1.
+    Texts are tokenized in one call and right-padded by hand (whatever the tokenizer's padding side)."""
     was_training = model.training
     model.eval()
+    ids = tokenizer(list(texts), add_special_tokens=False).input_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        h, _ = hidden_and_head(model, ids, mask)  # (B, T, d)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).float().cpu())
+    for i in range(0, len(ids), batch_size):
+        rows = ids[i:i + batch_size]
+        T = max(len(r) for r in rows)
+        x = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+        m = torch.tensor([[1.0] * len(r) + [0.0] * (T - len(r)) for r in rows])
+        h, _ = hidden_and_head(model, x.to(device))  # (B, T, d)
+        m = m.to(device).unsqueeze(-1)
+        out.append(((h.float() * m).sum(1) / m.sum(1).clamp_min(1)))
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.config.hidden_size)
+    return torch.cat(out).cpu() if out else torch.zeros(0, model.config.hidden_size)

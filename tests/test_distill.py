@@ -28,8 +28,54 @@ def test_encode_pairs_masks_prompt_and_shifts(tok):
         assert all(lab[t] == ids[t + 1] for t in kept[:-1])  # shifted: position t predicts token t+1
         assert tok.decode([lab[t] for t in kept[:-1]]) == y and lab[kept[-1]] == tok.eos_token_id
         assert enc["n_tokens"][b] == len(y) + 1
-        assert enc["attention_mask"][b].sum() == n_prompt + len(y) + 1  # prompt, path, EOS; the rest is padding
-        assert (enc["input_ids"][b, n_prompt + len(y) + 1:] == tok.pad_token_id).all()
+        assert (enc["input_ids"][b, n_prompt + len(y) + 1:] == tok.pad_token_id).all()  # the rest is right padding
+        assert ids[:n_prompt + len(y) + 1] == tok(data.format_prompt(q) + y, add_special_tokens=False).input_ids + \
+            [tok.eos_token_id]
+
+
+def _per_step_batch(tok, examples, max_len):
+    """The batch the loop built before ids were cached: tokenize each (prompt, path) pair at the step,
+    pad on the right by hand, labels = the next token over the path and its EOS (an independent build)."""
+    rows = []
+    for e in examples:
+        p = tok(data.format_prompt(e["question"]), add_special_tokens=False).input_ids
+        a = tok(e["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = (p + a)[:max_len]
+        lab = [ids[t + 1] if len(p) - 1 <= t < len(p + a) - 1 and t + 1 < len(ids) else -100 for t in range(len(ids))]
+        rows.append((ids, lab))
+    T = max(len(i) for i, _ in rows)
+    return (torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i, _ in rows]),
+            torch.tensor([l + [-100] * (T - len(l)) for _, l in rows]))
+
+
+@pytest.mark.parametrize("kind,max_len", [("char", None), ("char", 60), ("bpe", None)])
+def test_batches_from_cached_ids_equal_per_step_tokenization(kind, max_len):
+    corpus = [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(200, seed=0)]
+    tok = models.build_tokenizer(kind, corpus, 300 if kind == "bpe" else None)
+    examples = data.generate(40, seed=7, steps=(2, 4))
+    cached = distill.TokenizedSet(tok, examples, max_len)
+    batches = cached.batches(8, random.Random(0))
+    for _ in range(12):  # more than one pass over the 40 rows
+        idx = next(batches)
+        enc = cached.batch(idx)
+        ids, lab = _per_step_batch(tok, [examples[i] for i in idx], max_len or 10**9)
+        assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["labels"], lab)
+        assert torch.equal(enc["n_tokens"], (lab != -100).sum(1))
+
+
+def test_length_buckets_see_every_row_once_per_pass_with_little_padding(tok):
+    examples = data.generate(64 * 16, seed=3, steps=(2, 5))
+    cached = distill.TokenizedSet(tok, examples)
+    stream = cached.batches(64, random.Random(1))
+    first_pass = [next(stream) for _ in range(16)]  # 16 batches of 64 = one pass (one group of 16 batches)
+    assert all(len(b) == 64 for b in first_pass)
+    assert sorted(i for b in first_pass for i in b) == list(range(len(examples)))
+    fill = lambda batch: sum(cached.lengths[i] for i in batch) / (len(batch) * max(cached.lengths[i] for i in batch))
+    rng = random.Random(1)
+    random_batches = [rng.sample(range(len(examples)), 64) for _ in range(16)]
+    bucketed, uniform = sum(map(fill, first_pass)) / 16, sum(map(fill, random_batches)) / 16
+    assert bucketed > 0.95 and uniform < 0.85  # real tokens per padded slot: bucketing removes most padding
+    assert distill.TokenizedSet(tok, examples[:5]).batches(64, random.Random(0)).__next__() != []  # fewer rows than a batch
 
 
 def test_dard_loss_hand_computed():
@@ -96,7 +142,7 @@ def _train_dard(tok, samples, steps, backend, monkeypatch, device):
     q = torch.tensor([s["q"] for s in samples], device=device)
     losses = []
     for _ in range(steps):
-        h, w = models.hidden_and_head(model, enc["input_ids"], enc["attention_mask"])
+        h, w = models.hidden_and_head(model, enc["input_ids"])
         losses.append(kernels.dard_loss_fused(h, w, enc["labels"], ref.to(device), q, cfg["beta"], cfg["alpha"])[0].item())
         distill.distill(model, tok, opt, samples, [], "dard", cfg, random.Random(0), device=device)
     return losses

@@ -204,26 +204,55 @@ def _scripted(tok, scripts):
     return model
 
 
-def test_generation_stops_after_answer_line(tok):
+def test_generation_stops_at_eos_or_after_answer_line(tok):
     scripts = [
-        "3 + 4 = <<3+4=7>>7\n#### 7\nQuestion: Ava has",   # stop at the newline after "#### 7"
+        "3 + 4 = <<3+4=7>>7\n#### 7\nQuestion: Ava has",   # goes on after its answer line, then EOS
         "12 * 5 = 60\n#### 60",                              # then EOS
         "20 - 8 = 12\nso 12 left\nmore text and more text and more",  # no answer: runs to the limit
     ]
     same_len = [format_prompt("Ava buys pens.")] * 3  # equal lengths: the stable sort keeps row b = prompt b
+    want = ["3 + 4 = <<3+4=7>>7\n#### 7", "12 * 5 = 60\n#### 60"]
+    n_script = len(tok(scripts[0], add_special_tokens=False)["input_ids"])
     model = _scripted(tok, scripts[:2])
-    out = ev.generate(model, tok, same_len[:2], max_new_tokens=64)
-    assert out == ["3 + 4 = <<3+4=7>>7\n#### 7", "12 * 5 = 60\n#### 60"]
-    n_answer = len(tok(scripts[0].split("#### 7\n")[0] + "#### 7\n", add_special_tokens=False)["input_ids"])
-    assert model.calls <= n_answer + 1  # the batch stopped once both rows were done, not at 64 tokens
+    assert ev.generate(model, tok, same_len[:2], max_new_tokens=64) == want  # cut after the answer line
+    assert model.calls == n_script + 1  # the batch stopped once both rows wrote EOS, not at 64 tokens
 
-    model = _scripted(tok, scripts)
-    limit = n_answer + 5
-    assert len(tok(scripts[2], add_special_tokens=False)["input_ids"]) > limit
-    out = ev.generate(model, tok, same_len, max_new_tokens=limit)
-    assert out[:2] == ["3 + 4 = <<3+4=7>>7\n#### 7", "12 * 5 = 60\n#### 60"]  # done rows stay done
-    assert scripts[2].startswith(out[2]) and len(tok(out[2], add_special_tokens=False)["input_ids"]) == limit
-    assert model.calls == limit
+    n_answer = len(tok(scripts[0].split("#### 7\n")[0] + "#### 7\n", add_special_tokens=False)["input_ids"])
+    model = _scripted(tok, scripts[:2])  # stop_at_answer_line: done at the newline after "#### 7" (no EOS needed)
+    assert ev.generate(model, tok, same_len[:2], max_new_tokens=64, stop_at_answer_line=True) == want
+    assert model.calls <= n_answer + 1 < n_script + 1
+
+    for stop_line in (False, True):
+        model = _scripted(tok, scripts)
+        limit = n_answer + 5
+        assert len(tok(scripts[2], add_special_tokens=False)["input_ids"]) > limit
+        out = ev.generate(model, tok, same_len, max_new_tokens=limit, stop_at_answer_line=stop_line)
+        assert out[:2] == want  # done rows stay done
+        assert scripts[2].startswith(out[2]) and len(tok(out[2], add_special_tokens=False)["input_ids"]) == limit
+        assert model.calls == limit
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny Llama trained on solutions that end in "#### N" + EOS (distill.warm_up), fixed for the module."""
+    import data
+    import distill
+
+    corpus = [format_prompt(p["question"]) + p["answer"] for p in data.generate(300, seed=0, steps=(2, 2), max_value=20)]
+    tk = models.build_tokenizer("bpe", corpus, vocab_size=300)
+    model = models.build_model("llama", tk, d_model=48, n_layer=2, n_head=2, d_ff=128, seed=0)
+    distill.warm_up(model, tk, data.generate(400, seed=1, steps=(2, 2), max_value=20), steps=150, batch_size=32, lr=1e-2)
+    return model, tk, [format_prompt(p["question"]) for p in data.generate(24, seed=2, steps=(2, 2), max_value=20)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_eos_stopping_gives_the_paths_of_the_answer_line_criterion(trained, temperature):
+    model, tk, prompts = trained
+    kw = dict(max_new_tokens=120, temperature=temperature, batch_size=8, seed=5)
+    eos = ev.generate(model, tk, prompts, **kw)
+    line = ev.generate(model, tk, prompts, stop_at_answer_line=True, **kw)
+    assert eos == line
+    assert sum("####" in y for y in eos) >= len(prompts) // 2  # the model writes answer lines: a real comparison
 
 
 def test_evaluate_scores_scripted_paths(tok):

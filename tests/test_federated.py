@@ -1,5 +1,7 @@
 """federated.py end to end on the smoke preset: every scenario and method, resume, the protocol, errors."""
 import json
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +85,7 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
     assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache]) == 2
     assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache, "--resume", "--beta", "0.3"]) == 2
     resumed = run(args + ["--resume"], tmp_path / "cut", cache)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "phases")} for r in rs]
     assert strip(resumed["rounds"]) == strip(full["rounds"])
     assert resumed["initial"] == full["initial"]
     for name in ("llm", "slm1", "slm2", "slm3"):
@@ -122,24 +124,154 @@ def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monk
 def test_failing_client_is_skipped(tmp_path, cache, monkeypatch):
     real = federated.paths_and_scores
 
-    def flaky(cfg, model, tok, questions, seed):
-        if model is flaky.bad:
+    def flaky(cfg, party, questions, seed):
+        if party.name == "slm2":
             raise RuntimeError("client crashed")
-        return real(cfg, model, tok, questions, seed)
-
-    real_build = federated.build_parties
-
-    def build(cfg, splits):
-        ms, ts, info = real_build(cfg, splits)
-        flaky.bad = ms["slm2"]
-        return ms, ts, info
+        return real(cfg, party, questions, seed)
 
     monkeypatch.setattr(federated, "paths_and_scores", flaky)
-    monkeypatch.setattr(federated, "build_parties", build)
     res = run(["--method", "lada"], tmp_path, cache)
     r = res["rounds"][0]
     assert "client crashed" in r["errors"]["slm2"] and set(r["errors"]) == {"slm2"}
     assert "down/slm1" in r["selected"] and "down/slm3" in r["selected"] and "down/slm2" not in r["selected"]
+    assert "up/slm2" not in r["selected"] and "up/slm1" in r["selected"]
+
+
+# -----------------------------------------------------------------------------
+# The steps of spec §2 one by one, on hand-built messages
+
+QS = ["Ava has 12 apples and buys 5 more. How many apples does Ava have now?",
+      "A rope is 30 meters long. 8 meters are cut off. How many meters long is it now?",
+      "Ben has $40. He spends $15. How many dollars does Ben have now?",
+      "A farm has 9 chickens. Then 4 more arrive. How many are there now?"]
+GOLD = ["12 + 5 = <<12+5=17>>17\n#### 17", "30 - 8 = <<30-8=22>>22\n#### 22", "40 - 15 = <<40-15=25>>25\n#### 25",
+        "9 + 4 = <<9+4=13>>13\n#### 13"]
+
+
+def _independent_logp(party, q, y):
+    """log p(y|x) from the model's own logits in float64: log_softmax over the whole text, summed over
+    the path's tokens and EOS (a truth that shares no code with distill/kernels)."""
+    import data
+
+    tok, model = party.tok, party.model
+    p = tok(data.format_prompt(q), add_special_tokens=False).input_ids
+    a = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    ids = torch.tensor([p + a])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
+    return sum(lp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1))
+
+
+@pytest.fixture()
+def parties(tmp_path):
+    """A server and one client built by hand (tiny random models, no warm-up), the smoke config."""
+    args = federated.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
+    cfg = dict(federated.resolve_config(args), out=str(tmp_path), resume=False)
+    public = [{"question": q, "answer": a} for q, a in zip(QS, GOLD)]
+    corpus = [q + "\n" + a for q, a in zip(QS, GOLD)] * 3
+    made = {}
+    for name, zoo, kind in [("llm", "llama-tiny", ("bpe", 280)), ("slm1", "gpt2-tiny", ("char",))]:
+        model, tok = models.new_party(zoo, kind, corpus, seed=1)
+        made[name] = federated.Party(name, model, tok, cfg, public, public, public, {})
+    return cfg, made["llm"], made["slm1"]
+
+
+def test_client_answer_and_server_score_carry_the_right_scores(parties):
+    cfg, server, client = parties
+    offer = {"questions": QS, "y_llm": GOLD, "logp_llm_yllm": torch.zeros(4)}
+    reply = federated.client_answer(client, offer, cfg, rnd=1, k=0)
+    assert set(reply) == federated.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada: no gold NLL
+    for i in range(4):
+        assert reply["logp_slm_yllm"][i].item() == pytest.approx(_independent_logp(client, QS[i], GOLD[i]), rel=1e-4)
+        assert reply["logp_slm_yslm"][i].item() == pytest.approx(
+            _independent_logp(client, QS[i], reply["y_slm"][i]), rel=1e-4)
+    server.state = dict(qs=QS, y=GOLD, lp_y=torch.zeros(4), n_y=torch.ones(4), c_y=torch.ones(4), clients={})
+    hand = dict(reply, y_slm=["#### 17", "8 + 30 = 38\n#### 38", "#### 25", "no answer"])
+    score = federated.server_score(server, "slm1", hand, cfg)
+    assert set(score) == federated.SCHEMA["llm_score"]
+    for i in range(4):
+        assert score["logp_llm_yslm"][i].item() == pytest.approx(_independent_logp(server, QS[i], hand["y_slm"][i]), rel=1e-4)
+    assert server.state["clients"]["slm1"]["c_yk"].tolist() == [1.0, 0.0, 1.0, 0.0]  # checked against the gold
+
+
+def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
+    import distill
+
+    cfg, server, client = parties
+    cfg = dict(cfg, method="lada-loss")  # allocation "all": every pooled sample, so the pairs are known
+    y_llm = [GOLD[0], "30 - 8 = 21\n#### 21", GOLD[2], "9 + 4 = 14\n#### 14"]  # right, wrong, right, wrong
+    y_k = ["12 + 5 = 16\n#### 16", GOLD[1], GOLD[2], "#### 12"]          # wrong, right, same as y_llm, wrong
+    client.state = dict(y=y_k, lp_y=torch.full((4,), -30.0), n_y=torch.full((4,), 10), lp_yllm=torch.full((4,), -40.0),
+                        n_yllm=torch.full((4,), 10))
+    offer = {"questions": QS, "y_llm": y_llm, "logp_llm_yllm": torch.tensor([-5.0, -5.0, -5.0, -5.0])}
+    score = {"logp_llm_yslm": torch.tensor([-50.0, -50.0, -5.0, -5.0])}
+    seen = []
+    real = distill.distill
+    monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    before = [p.detach().clone() for p in client.model.parameters()]
+    got = federated.client_learn(client, offer, score, cfg, random.Random(0))
+    pairs = seen[0]
+    assert [p["y_pos"] for p in pairs] == y_llm and [p["y_neg"] for p in pairs] == y_k  # y+ = y_L, y- = y_k
+    assert [p["correct_pos"] for p in pairs] == [True, False, True, False]
+    # q (spec §4): 1 where only y+ is correct, 0 where only y- is, else sigma(teacher margin per char / tau)
+    m = lambda i: (-5.0 / len(y_llm[i]) - score["logp_llm_yslm"][i].item() / len(y_k[i])) / cfg["tau"]
+    assert pairs[0]["q"] == 1.0 and pairs[1]["q"] == 0.0
+    assert pairs[3]["q"] == pytest.approx(1 / (1 + math.exp(-m(3))), rel=1e-5)
+    assert got["selected"] == 4 and 0.0 <= got["reward"] <= 1.0 and got["losses"]["dard"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, client.model.parameters()))
+
+
+def test_server_pick_and_learn(parties):
+    cfg, server, client = parties
+    cfg = dict(cfg, method="random", budget=3)
+    y_k = [GOLD[0], "#### 5", GOLD[2], "#### 7"]
+    server.state = dict(qs=QS, y=["#### 1"] * 4, lp_y=torch.full((4,), -20.0), n_y=torch.full((4,), 5),
+                        c_y=torch.zeros(4), clients={})
+    reply = {"y_slm": y_k, "logp_slm_yslm": torch.full((4,), -10.0), "logp_slm_yllm": torch.full((4,), -30.0)}
+    federated.server_score(server, "slm1", reply, cfg)
+    B = federated.server_pick(server, "slm1", cfg, random.Random(0))
+    assert len(B) == 3 and B == sorted(set(B)) and all(0 <= i < 4 for i in B)  # a random subset of `budget`
+    before = [p.detach().clone() for p in server.model.parameters()]
+    got = federated.server_learn(server, cfg, random.Random(0))
+    assert set(got["rewards"]) == {"slm1"} and 0.0 <= got["rewards"]["slm1"] <= 1.0
+    assert got["losses"]["dard"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, server.model.parameters()))
+
+
+# -----------------------------------------------------------------------------
+# What runs where: the GPU sizes on a GPU, the CPU preset without one (and a line saying so)
+
+@pytest.mark.parametrize("argv,gpu,preset,says", [
+    ([], False, "cpu", "no GPU, so this runs --preset cpu"),
+    (["--preset", "default"], False, "default", "warning: --preset default without a GPU"),
+    ([], True, "default", None),
+    (["--device", "cpu"], True, "cpu", "no GPU, so this runs --preset cpu"),
+    (["--preset", "cpu"], False, "cpu", None),
+    (["--smoke"], False, "smoke", None),
+])
+def test_preset_follows_the_machine(argv, gpu, preset, says):
+    got, notice = federated.choose_preset(federated.parse_args(argv), gpu)
+    assert got == preset
+    assert (notice is None) if says is None else (says in notice and "\n" not in notice)
+
+
+def test_no_gpu_default_command_says_what_it_runs(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    # a bad value stops the run right after the notice would be printed: one error line, no notice
+    code, err = cli("--filter_optimism", "2", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert code == 2 and len(err) == 1 and "--filter_optimism" in err[0]
+    p = subprocess.Popen([sys.executable, str(REPO / "federated.py"), "--out", str(tmp_path / "o2"), "--cache",
+                          str(tmp_path / "c")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()  # the notice comes before any work
+        config = json.loads(p.stdout.readline())
+    finally:
+        p.kill()
+        p.wait()
+    assert first.startswith("federated.py: no GPU, so this runs --preset cpu (about")
+    assert config["parties"] == "cpu" and config["rounds"] == federated.PRESETS["cpu"]["rounds"]
+    assert config["out"].endswith("o2") and config["dtype"] == "fp32"
 
 
 def test_real_checkpoints_and_gsm8k_file(tmp_path, cache):

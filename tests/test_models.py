@@ -80,14 +80,28 @@ def test_load_model_errors(tmp_path):
         models.load_model(tmp_path)
 
 
-def test_warm_up_learns_and_caches(tmp_path, corpus):
+def test_warm_up_learns_and_the_cache_returns_it(tmp_path, corpus):
+    import distill
+
     train = data.generate(200, seed=5, steps=(2, 2), max_value=30)
     warm = dict(steps=60, batch_size=16, lr=1e-2)
-    model, tok, info = models.build_party("slm", "llama-tiny", ("char",), corpus, train, warm, tmp_path)
-    assert not info["cached"] and info["params"] == models.n_params(model)
-    first = models.warm_up(models.build_model(tokenizer=tok, **models.ZOO["llama-tiny"]), tok, train, steps=1)
-    assert info["warm_loss"] < 0.75 * first  # 60 steps lower the per-token NLL well below the start
-    again, _, info2 = models.build_party("slm", "llama-tiny", ("char",), corpus, train, warm, tmp_path)
-    assert info2["cached"] and info2["warm_loss"] == info["warm_loss"]
+    path = models.party_cache_dir(tmp_path, "slm", "llama-tiny", ("char",), corpus, train, warm)
+    assert models.load_cached_party(path) is None
+    model, tok = models.new_party("llama-tiny", ("char",), corpus)
+    first = distill.warm_up(models.build_model(tokenizer=tok, **models.ZOO["llama-tiny"]), tok, train, steps=1)
+    loss = distill.warm_up(model, tok, train, **warm)
+    assert loss < 0.75 * first  # 60 steps lower the per-token NLL well below the start
+    models.save_party(path, model, tok, dict(warm_loss=loss))
+    again, _, info = models.load_cached_party(path)
+    assert info == dict(warm_loss=loss, cached=True)
     for a, b in zip(model.parameters(), again.parameters()):
         torch.testing.assert_close(a, b)
+    other = models.party_cache_dir(tmp_path, "slm", "llama-tiny", ("char",), corpus, train, dict(warm, steps=61))
+    assert other != path  # anything that changes the warm-up changes the key
+
+
+def test_half_written_cache_entry_is_never_loaded(tmp_path, corpus):
+    model, tok = models.new_party("llama-tiny", ("char",), corpus)
+    path = tmp_path / "slm-x"
+    models.save_model(model, tok, path)  # model files without info.json: a write cut short
+    assert models.load_cached_party(path) is None
