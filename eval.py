@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per generate() call")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per path, at most")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 (default: cuda if available)")
+    parser.add_argument("--stop-at-answer-line", action="store_true",
+                        help="also stop a path after its '#### N' line (for models that do not write EOS)")
     args = parser.parse_args(argv)
     print(vars(args))
 
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
         return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     model.to(device)
     result = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, device=device)
+                      max_new_tokens=args.max_new_tokens, device=device, stop_at_answer_line=args.stop_at_answer_line)
     print(f"{'n':>6} {'strict':>8} {'flexible':>9}")
     print(f"{result['n']:>6} {result['strict']:>8.4f} {result['flexible']:>9.4f}")
     return 0
