@@ -191,25 +191,49 @@ def generate(n: int, seed: int, domains=None, domain_probs=None, steps=(2, 5), m
     return out
 
 
+def _distinct(n: int, seed: int, seen: set, domain_probs=None, steps=(2, 5), max_value=100) -> list[dict]:
+    """Like `generate` (the same draws while nothing collides), but skipping any problem whose question
+    is already in `seen`; the questions taken are added to it."""
+    rng = random.Random(seed)
+    out, tries = [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise DataError(f"cannot draw {n} problems with distinct questions (steps {steps}, max_value {max_value}): "
+                            "raise --max_value or --max_steps, or ask for fewer")
+        d = rng.choices(DOMAIN_NAMES, weights=domain_probs)[0]
+        p = make_problem(rng, d, rng.randint(*steps), max_value)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            out.append(p)
+    return out
+
+
 def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_val: int,
                 n_general: int = 0, alpha: float = 0.5, seed: int = 0, steps=(2, 5), max_value=100) -> dict:
-    """The federated splits of spec §1 on generated data.
+    """The federated splits of spec §1 on generated data, disjoint by question text.
 
     public/public_val/public_test mix all domains uniformly (the server's data); client k's
     private/val/test sets all follow one domain mix p_k ~ Dirichlet(alpha) (non-IID); `general`
-    is extra all-domain data for the LLM's warm-up only.
+    is extra all-domain data for the LLM's warm-up only. Test sets are drawn first, then validation
+    sets, then the training sets, each skipping every question drawn before it, so no question is
+    in two splits (nor twice in one).
     """
     rs = np.random.default_rng(seed)
-    gen = lambda n, s, probs=None: generate(n, s, domain_probs=probs, steps=steps, max_value=max_value)
-    splits = {"public": gen(n_public, seed * 1000 + 1), "public_val": gen(n_val, seed * 1000 + 2),
-              "public_test": gen(n_test, seed * 1000 + 3), "general": gen(n_general, seed * 1000 + 4),
-              "clients": []}
-    for k in range(num_clients):
-        p = rs.dirichlet([alpha] * len(DOMAIN_NAMES)).tolist()
-        base = seed * 1000 + 100 * (k + 1)
-        splits["clients"].append({"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": gen(n_private, base, p),
-                                  "val": gen(n_val, base + 1, p), "test": gen(n_test, base + 2, p)})
-    return splits
+    mixes = [rs.dirichlet([alpha] * len(DOMAIN_NAMES)).tolist() for _ in range(num_clients)]
+    seen = set()
+    gen = lambda n, s, probs=None: _distinct(n, s, seen, probs, steps, max_value)
+    base = lambda k: seed * 1000 + 100 * (k + 1)
+    public_test = gen(n_test, seed * 1000 + 3)
+    tests = [gen(n_test, base(k) + 2, p) for k, p in enumerate(mixes)]
+    public_val = gen(n_val, seed * 1000 + 2)
+    vals = [gen(n_val, base(k) + 1, p) for k, p in enumerate(mixes)]
+    public = gen(n_public, seed * 1000 + 1)
+    privates = [gen(n_private, base(k), p) for k, p in enumerate(mixes)]
+    general = gen(n_general, seed * 1000 + 4)
+    return {"public": public, "public_val": public_val, "public_test": public_test, "general": general,
+            "clients": [{"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": privates[k], "val": vals[k],
+                         "test": tests[k]} for k, p in enumerate(mixes)]}
 
 
 # -----------------------------------------------------------------------------

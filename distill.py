@@ -43,8 +43,9 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def collate(rows, pad_id, max_len=None, device=None) -> dict:
-    """A right-padded batch of encoded rows (`encode`).
+def collate(rows, pad_id, device=None) -> dict:
+    """A right-padded batch of encoded rows (`encode`), never cut: a row that must not exceed a
+    length is left out before it gets here (TokenizedSet, distill), and counted.
 
     Returns input_ids (B, T), labels (B, T) already shifted (labels[t] is the token after input t;
     prompt positions and padding are -100) and n_tokens (B,) = path tokens + EOS, the |y| of spec §4.
@@ -54,8 +55,6 @@ def collate(rows, pad_id, max_len=None, device=None) -> dict:
     seqs = []
     for p, a in rows:
         ids, lab = p + a, ([IGNORE] * len(p) + a)[1:] + [IGNORE]  # shifted: position t predicts token t+1
-        if max_len is not None:
-            ids, lab = ids[:max_len], lab[:max_len]
         seqs.append((ids, lab))
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in seqs])
@@ -64,24 +63,27 @@ def collate(rows, pad_id, max_len=None, device=None) -> dict:
     return {k: to_device(v, device) for k, v in enc.items()}
 
 
-def encode_pairs(tokenizer, questions, paths, max_len=None, device=None) -> dict:
+def encode_pairs(tokenizer, questions, paths, device=None) -> dict:
     """`collate(encode(...))`: one batch straight from texts."""
-    return collate(encode(tokenizer, questions, paths), tokenizer.pad_token_id, max_len, device)
+    return collate(encode(tokenizer, questions, paths), tokenizer.pad_token_id, device)
 
 
 class TokenizedSet:
-    """A party's (question, solution) examples, tokenized once, served as length-bucketed batches."""
+    """A party's (question, solution) examples, tokenized once, served as length-bucketed batches.
+    Examples longer than `max_len` tokens (prompt + solution + EOS) are left out, never cut; `dropped`
+    counts them."""
 
     def __init__(self, tokenizer, examples, max_len=None):
-        self.rows = encode(tokenizer, [e["question"] for e in examples], [e["answer"] for e in examples])
-        self.pad_id, self.max_len = tokenizer.pad_token_id, max_len
+        rows = encode(tokenizer, [e["question"] for e in examples], [e["answer"] for e in examples])
+        self.rows = [r for r in rows if max_len is None or len(r[0]) + len(r[1]) <= max_len]
+        self.dropped, self.pad_id = len(rows) - len(self.rows), tokenizer.pad_token_id
         self.lengths = [len(p) + len(a) for p, a in self.rows]
 
     def __len__(self):
         return len(self.rows)
 
     def batch(self, idx, device=None) -> dict:
-        return collate([self.rows[i] for i in idx], self.pad_id, self.max_len, device)
+        return collate([self.rows[i] for i in idx], self.pad_id, device)
 
     def batches(self, batch_size, rng: random.Random, group=16):
         """Endless batches of `batch_size` row indices (all rows if fewer): a stream of random
@@ -132,7 +134,7 @@ def sequence_logps(model, enc) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_rows(model, rows, pad_id, batch_size=256, device="cpu", max_len=None):
+def score_rows(model, rows, pad_id, batch_size=256, device="cpu"):
     """(summed log-probs (n,), token counts (n,)) of encoded rows under `model`, fp32 on the CPU.
     Rows are scored in length order (little padding), results returned in input order; one
     device-to-host copy at the end."""
@@ -141,7 +143,7 @@ def score_rows(model, rows, pad_id, batch_size=256, device="cpu", max_len=None):
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     lps, ns = [], []
     for i in range(0, len(order), batch_size):
-        enc = collate([rows[j] for j in order[i:i + batch_size]], pad_id, max_len, device)
+        enc = collate([rows[j] for j in order[i:i + batch_size]], pad_id, device)
         lps.append(sequence_logps(model, enc).float())
         ns.append(enc["n_tokens"])
     model.train(was_training)
@@ -152,9 +154,9 @@ def score_rows(model, rows, pad_id, batch_size=256, device="cpu", max_len=None):
     return torch.cat(lps).cpu()[inv], torch.cat(ns).cpu()[inv]
 
 
-def score_paths(model, tokenizer, questions, paths, batch_size=256, device="cpu", max_len=None):
-    """`score_rows` straight from texts."""
-    return score_rows(model, encode(tokenizer, questions, paths), tokenizer.pad_token_id, batch_size, device, max_len)
+def score_paths(model, tokenizer, questions, paths, batch_size=256, device="cpu"):
+    """`score_rows` straight from texts (whole paths: scores are never of a cut sequence)."""
+    return score_rows(model, encode(tokenizer, questions, paths), tokenizer.pad_token_id, batch_size, device)
 
 
 # -----------------------------------------------------------------------------
@@ -259,6 +261,9 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     `autocast(...)` for bf16 on a GPU."""
     rng = random.Random(seed)
     data = TokenizedSet(tokenizer, examples, max_len)
+    if data.dropped:
+        print(f"{desc}: {data.dropped} of {data.dropped + len(data)} examples are longer than max_len {max_len} "
+              "tokens and are left out", flush=True)
     model.to(device).train()
     opt = make_optimizer(model, lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -316,12 +321,17 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
         samples = [s for s in samples if s["y_pos"] != s["y_neg"]]
     if not samples:
         return dict(steps=0)
-    qs, pad = [s["question"] for s in samples], tokenizer.pad_token_id
-    pos = encode(tokenizer, qs, [s["y_pos"] for s in samples])  # tokenized once for all epochs
-    if loss == "dard":  # pi_ref = the student before this round's distillation (frozen snapshot)
-        neg = encode(tokenizer, qs, [s["y_neg"] for s in samples])
-        ref_pos, _ = score_rows(model, pos, pad, 2 * bs, device, max_len)
-        ref_neg, _ = score_rows(model, neg, pad, 2 * bs, device, max_len)
+    pad, n_in = tokenizer.pad_token_id, len(samples)
+    pos = encode(tokenizer, [s["question"] for s in samples], [s["y_pos"] for s in samples])  # once for all epochs
+    neg = encode(tokenizer, [s["question"] for s in samples], [s["y_neg"] for s in samples]) if loss == "dard" else pos
+    fits = [max_len is None or max(len(p[0]) + len(p[1]), len(n[0]) + len(n[1])) <= max_len for p, n in zip(pos, neg)]
+    if not all(fits):  # never cut a path: a pair that does not fit is left out, and counted
+        samples, pos, neg = ([x for x, f in zip(xs, fits) if f] for xs in (samples, pos, neg))
+    if not samples:
+        return dict(steps=0, too_long=n_in)
+    if loss == "dard":  # pi_ref = the student as this distillation starts (frozen snapshot)
+        ref_pos, _ = score_rows(model, pos, pad, 2 * bs, device)
+        ref_neg, _ = score_rows(model, neg, pad, 2 * bs, device)
         q_all = torch.tensor([s["q"] for s in samples], dtype=torch.float32)
         a_all = alpha * torch.tensor([float(s["correct_pos"]) for s in samples])
     local = as_tokenized(local_data, tokenizer, max_len) if lam > 0 else None
@@ -335,7 +345,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
             idx = order[i:i + bs]
             if loss == "dard":
                 # Liger's layout: rows 0..B-1 are y+, rows B..2B-1 are y- of the same questions
-                enc = collate([pos[j] for j in idx] + [neg[j] for j in idx], pad, max_len, device)
+                enc = collate([pos[j] for j in idx] + [neg[j] for j in idx], pad, device)
                 ref = to_device(torch.cat([ref_pos[idx], ref_neg[idx]]), device)
                 q, a = to_device(q_all[idx], device), to_device(a_all[idx], device)
                 hw = _head_inputs(model, enc)
@@ -346,7 +356,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
                     B = len(idx)
                     l_main = dard_loss(lp[:B], lp[B:], ref[:B], ref[B:], q, beta, a, enc["n_tokens"][:B])[0].mean()
             else:
-                l_main = sft_loss(model, collate([pos[j] for j in idx], pad, max_len, device))
+                l_main = sft_loss(model, collate([pos[j] for j in idx], pad, device))
             l_local = local_batch_loss(model, local, local_batches, device) if local_batches else torch.zeros(())
             total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
             optimizer_step(model, opt, total)
@@ -354,4 +364,5 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
             for k, v in (("loss", total), (loss, l_main), ("local", l_local)):
                 totals[k] = totals.get(k, 0.0) + v.detach()
     model.eval()
-    return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples))
+    return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples),
+                too_long=n_in - len(samples))

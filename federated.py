@@ -35,7 +35,7 @@ BASE = dict(
     embed_dim=16,
     alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
     local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
-    gen_temperature=0.7, max_new_tokens=320, max_len=640, eval_batch=512, score_batch=256,
+    gen_temperature=0.7, max_new_tokens=320, max_len=1024, eval_batch=512, score_batch=256,
     # data (spec §1, §6): generated testbed sizes
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
@@ -46,12 +46,12 @@ PRESETS = {
     "default": dict(),
     "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
                 n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
-                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160, max_len=320,
+                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160,
                 eval_batch=128, score_batch=128),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
-                  max_new_tokens=64, max_len=200, filter_epochs=3),
+                  max_new_tokens=64, filter_epochs=3),
 }
 # party sizes: (zoo name, tokenizer); hetero SLMs differ in architecture, size and tokenizer
 PARTIES = {
@@ -65,7 +65,8 @@ PARTIES = {
 SCENARIOS = ("hetero", "homo", "one2one", "llm2slm")
 # method -> (allocation, loss); spec §2's table
 METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"), "random": ("random", "dard"),
-           "lada-filter": ("filter", "sft"), "lada-loss": ("all", "dard"), "lada": ("filter", "dard")}
+           "lada-filter": ("filter", "sft"), "lada-loss": ("all", "dard"), "lada": ("filter", "dard"),
+           "fedavg": (None, None)}  # homo only: FedAvg of the SLMs and nothing else (`local` has no FedAvg)
 RUN_KEYS = ("out", "resume", "rounds")  # flags that do not change the finished rounds (--rounds extends a run)
 
 
@@ -85,6 +86,8 @@ def resolve_config(args) -> dict:
         cfg["dtype"] = "bf16" if cfg["device"].startswith("cuda") else "fp32"
     if cfg["dtype"] not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg['dtype']!r}")
+    if cfg["method"] == "fedavg" and cfg["scenario"] != "homo":
+        raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
@@ -135,8 +138,8 @@ def make_data(cfg, num_clients):
         return data.make_splits(num_clients, cfg["n_public"], cfg["n_private"], cfg["n_test"], cfg["n_val"],
                                 cfg["n_general"], cfg["dirichlet"], cfg["data_seed"], (cfg["min_steps"], cfg["max_steps"]),
                                 cfg["max_value"])
-    rows = data.load_dataset(cfg["data"])
-    random.Random(cfg["data_seed"]).shuffle(rows)
+    rows = list({r["question"].strip(): r for r in data.load_dataset(cfg["data"])}.values())  # one row per question
+    random.Random(cfg["data_seed"]).shuffle(rows)  # then disjoint slices: no question in two splits
     n_hold = (num_clients + 1) * (cfg["n_test"] + cfg["n_val"])
     if len(rows) < n_hold + 2 * (num_clients + 1):
         raise data.DataError(f"{cfg['data']}: {len(rows)} records are too few for {num_clients + 1} parties' "
@@ -172,6 +175,9 @@ class Party:
         self.name, self.model, self.tok, self.info, self.test = name, model, tok, info, test
         self.opt = make_optimizer(model, cfg["lr_llm"] if name == "llm" else cfg["lr"])
         self.local = TokenizedSet(tok, local, cfg["max_len"])  # D_pub for the LLM, D_k for client k
+        if self.local.dropped:
+            print(f"{name}: {self.local.dropped} of {len(local)} local examples are longer than --max_len "
+                  f"{cfg['max_len']} tokens and are left out", flush=True)
         self.public = public  # D_pub is held by the server and visible to all [host]
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
         self.filters, self.state = {}, {}
@@ -235,7 +241,7 @@ def score(cfg, party, questions, paths):
     """(summed log-probs, token counts) of each path under the party's model (distill.score_paths)."""
     from distill import score_paths
 
-    return score_paths(party.model, party.tok, questions, paths, cfg["score_batch"], cfg["device"], cfg["max_len"])
+    return score_paths(party.model, party.tok, questions, paths, cfg["score_batch"], cfg["device"])
 
 
 def paths_and_scores(cfg, party, questions, seed):
@@ -288,6 +294,12 @@ def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rn
     if kind == "fedmkt":  # learn where the teacher fits the gold solution better than the student
         return [i for i in range(n) if nll_teacher_gold[i] < nll_student_gold[i]]
     return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
+
+
+def trained_on(picked, y_pos, y_neg, loss):
+    """The picked samples the student actually trains on: DARD drops a pair whose two paths are the
+    same text (spec §4), so it gets no reward and does not update the filter."""
+    return [i for i in picked if loss != "dard" or y_pos[i] != y_neg[i]]
 
 
 def reward_and_update(cfg, student, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
@@ -371,8 +383,9 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
     samples = [dict(question=qs[i], y_pos=y_llm[i], y_neg=st["y"][i], q=float(q[i]), correct_pos=bool(c_llm[i]))
                for i in A]
     stats = distill(client.model, client.tok, client.opt, samples, client.local, loss, cfg, rng, cfg["device"])  # 6
-    reward = (reward_and_update(cfg, client, qs, y_llm, A, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
-              if A else None)  # 7
+    trained = trained_on(A, y_llm, st["y"], loss)  # DARD drops identical pairs: they earn no reward
+    reward = (reward_and_update(cfg, client, qs, y_llm, trained, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
+              if trained else None)  # 7
     return dict(selected=len(A), reward=reward, losses={k: v for k, v in stats.items() if k not in ("steps", "n")})
 
 
@@ -409,8 +422,9 @@ def server_learn(server, cfg, rng) -> dict:
     stats = distill(server.model, server.tok, server.opt, samples, server.local, loss, cfg, rng, cfg["device"])  # 6'
     rewards = {}
     for name, ck in st["clients"].items():  # 7': what L learned of each y_k (novel to the LLM)
-        if ck.get("B"):
-            rewards[name] = reward_and_update(cfg, server, qs, ck["reply"]["y_slm"], ck["B"], ck["lp_yk"], ck["n_yk"],
+        trained = trained_on(ck.get("B", []), ck["reply"]["y_slm"], st["y"], loss)
+        if trained:
+            rewards[name] = reward_and_update(cfg, server, qs, ck["reply"]["y_slm"], trained, ck["lp_yk"], ck["n_yk"],
                                               ck["c_yk"], server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"))
     return dict(losses={k: v for k, v in stats.items() if k not in ("steps", "n")}, rewards=rewards)
 
@@ -572,7 +586,7 @@ def run(cfg):
                 for n, p in parties.items():
                     if not (n == "llm" and frozen_llm):
                         losses[f"local/{n}"] = local_step(p, cfg, rng[n])
-            if cfg["scenario"] == "homo":  # FedAvg of the homogeneous SLMs' weights, after the local step
+            if cfg["scenario"] == "homo" and cfg["method"] != "local":  # FedAvg of the SLMs, after the local step
                 with phase(times, "fedavg", dev):
                     for c in clients:
                         send({"state_dict": c.model.state_dict()}, "weights", traffic, "up")
@@ -643,7 +657,7 @@ HELP = {
     "local_batch": "local SFT batch size", "distill_epochs": "passes over the allocated samples",
     "distill_batch": "pairs per distillation step", "lr": "SLM learning rate (AdamW)", "lr_llm": "LLM learning rate",
     "gen_temperature": "sampling temperature of the exchanged paths", "max_new_tokens": "tokens per generated path",
-    "max_len": "tokens per training sequence (prompt + path)",
+    "max_len": "longest training sequence in tokens (prompt + path + EOS); longer ones are left out and counted, never cut",
     "n_public": "public pool size", "n_private": "private examples per client", "n_val": "validation examples per party",
     "n_test": "test examples per party", "n_general": "extra general data for the LLM warm-up",
     "dirichlet": "Dirichlet alpha of the clients' domain mixes (smaller = more non-IID)",

@@ -48,8 +48,6 @@ def test_splits_are_non_iid_and_disjoint():
     s = data.make_splits(num_clients=3, n_public=300, n_private=400, n_test=100, n_val=50, n_general=50,
                          alpha=0.3, seed=0)
     assert len(s["public"]) == 300 and len(s["public_test"]) == 100 and len(s["clients"]) == 3
-    pub = {p["question"] for p in s["public"]}
-    assert len(pub & {p["question"] for p in s["public_test"]}) <= 2  # independent draws, collisions rare
     mixes = []
     for c in s["clients"]:
         assert len(c["private"]) == 400 and len(c["test"]) == 100 and len(c["val"]) == 50
@@ -65,6 +63,26 @@ def test_splits_are_non_iid_and_disjoint():
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared GSM8K data not beside the repo")
+def test_every_pair_of_splits_is_disjoint_by_question():
+    # small numbers and two steps: the space is small enough that independent draws collide
+    s = data.make_splits(num_clients=3, n_public=1500, n_private=800, n_test=200, n_val=100, n_general=1500,
+                         seed=0, steps=(2, 2), max_value=20)
+    named = {k: s[k] for k in ("public", "public_val", "public_test", "general")}
+    for k, c in enumerate(s["clients"]):
+        named.update({f"private{k}": c["private"], f"val{k}": c["val"], f"test{k}": c["test"]})
+    qs = {k: [p["question"] for p in v] for k, v in named.items()}
+    for k, v in qs.items():
+        assert len(set(v)) == len(v), k  # no question twice in one split
+    names = sorted(qs)
+    clashes = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if set(qs[a]) & set(qs[b])]
+    assert clashes == []
+    # the same draws with independent generation do collide here: the check above could fail
+    mix = s["clients"][0]["domain_mix"]
+    indep = data.generate(800, 0 * 1000 + 100, domain_probs=list(mix.values()), steps=(2, 2), max_value=20)
+    test0 = data.generate(200, 0 * 1000 + 102, domain_probs=list(mix.values()), steps=(2, 2), max_value=20)
+    assert {p["question"] for p in indep} & {p["question"] for p in test0}
+
+
 def test_real_gsm8k_loads():
     train = data.load_gsm8k(SHARED / "train.jsonl")
     test = data.load_dataset(f"gsm8k:{SHARED / 'test.jsonl'}")

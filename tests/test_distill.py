@@ -33,32 +33,35 @@ def test_encode_pairs_masks_prompt_and_shifts(tok):
             [tok.eos_token_id]
 
 
-def _per_step_batch(tok, examples, max_len):
+def _per_step_batch(tok, examples):
     """The batch the loop built before ids were cached: tokenize each (prompt, path) pair at the step,
     pad on the right by hand, labels = the next token over the path and its EOS (an independent build)."""
     rows = []
     for e in examples:
         p = tok(data.format_prompt(e["question"]), add_special_tokens=False).input_ids
         a = tok(e["answer"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids = (p + a)[:max_len]
-        lab = [ids[t + 1] if len(p) - 1 <= t < len(p + a) - 1 and t + 1 < len(ids) else -100 for t in range(len(ids))]
-        rows.append((ids, lab))
+        ids = p + a
+        rows.append((ids, [ids[t + 1] if t >= len(p) - 1 and t + 1 < len(ids) else -100 for t in range(len(ids))]))
     T = max(len(i) for i, _ in rows)
     return (torch.tensor([i + [tok.pad_token_id] * (T - len(i)) for i, _ in rows]),
             torch.tensor([l + [-100] * (T - len(l)) for _, l in rows]))
 
 
-@pytest.mark.parametrize("kind,max_len", [("char", None), ("char", 60), ("bpe", None)])
+@pytest.mark.parametrize("kind,max_len", [("char", None), ("char", 260), ("bpe", None)])
 def test_batches_from_cached_ids_equal_per_step_tokenization(kind, max_len):
     corpus = [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(200, seed=0)]
     tok = models.build_tokenizer(kind, corpus, 300 if kind == "bpe" else None)
     examples = data.generate(40, seed=7, steps=(2, 4))
     cached = distill.TokenizedSet(tok, examples, max_len)
+    n_tok = [len(tok(data.format_prompt(e["question"]) + e["answer"], add_special_tokens=False).input_ids) + 1
+             for e in examples]  # char-level: prompt and path do not merge
+    kept = [e for e, n in zip(examples, n_tok) if max_len is None or n <= max_len]
+    assert cached.dropped == len(examples) - len(kept) and (max_len is None or 0 < cached.dropped < 40)
     batches = cached.batches(8, random.Random(0))
-    for _ in range(12):  # more than one pass over the 40 rows
+    for _ in range(12):  # more than one pass
         idx = next(batches)
         enc = cached.batch(idx)
-        ids, lab = _per_step_batch(tok, [examples[i] for i in idx], max_len or 10**9)
+        ids, lab = _per_step_batch(tok, [kept[i] for i in idx])  # whole rows: nothing is ever cut
         assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["labels"], lab)
         assert torch.equal(enc["n_tokens"], (lab != -100).sum(1))
 
@@ -177,3 +180,31 @@ def test_distill_sft_and_identical_pairs(tok):
     assert distill.distill(model, tok, opt, same, local, "dard", cfg, random.Random(0)) == {"steps": 0}
     with pytest.raises(ValueError, match="unknown loss"):
         distill.distill(model, tok, opt, samples, local, "kl", cfg, random.Random(0))
+
+
+def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch):
+    """DARD's pi_ref: log-probs of y+ and y- under the model exactly as distill() is called, frozen
+    for every step after (README: departures from the spec)."""
+    model = models.build_model(tokenizer=tok, seed=4, **models.ZOO["llama-tiny"])
+    samples = _pairs(3, seed=4)
+
+    def logp(q, y):  # float64, from the model's own logits (shares no code with distill or kernels)
+        p = tok(data.format_prompt(q), add_special_tokens=False).input_ids
+        a = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
+        return sum(lp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1))
+
+    want = torch.tensor([logp(s["question"], s["y_pos"]) for s in samples] +  # float64
+                        [logp(s["question"], s["y_neg"]) for s in samples], dtype=torch.float64)
+    seen, real = [], distill.dard_loss_fused
+    monkeypatch.setattr(distill, "dard_loss_fused", lambda h, w, lab, ref, *a: seen.append(ref.clone()) or real(h, w, lab, ref, *a))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=3, distill_epochs=3, max_len=None)
+    distill.distill(model, tok, torch.optim.SGD(model.parameters(), lr=0.5), samples, [], "dard", cfg, random.Random(0))
+    assert len(seen) == 3 and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    for ref in seen:  # the same snapshot at every step (batch order is shuffled: compare as sets), though the model moved
+        got = torch.sort(ref[:3]).values.double(), torch.sort(ref[3:]).values.double()
+        torch.testing.assert_close(got[0], torch.sort(want[:3]).values, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(got[1], torch.sort(want[3:]).values, rtol=1e-4, atol=1e-3)

@@ -28,8 +28,8 @@ def run(args, out, cache):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("scenario,method", [("hetero", m) for m in federated.METHODS] +
-                         [(s, "lada") for s in ("homo", "one2one", "llm2slm")])
+@pytest.mark.parametrize("scenario,method", [("hetero", m) for m in federated.METHODS if m != "fedavg"] +
+                         [(s, "lada") for s in ("homo", "one2one", "llm2slm")] + [("homo", "local"), ("homo", "fedavg")])
 def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monkeypatch):
     fedavg_calls, real_fedavg = [], federated.fedavg
 
@@ -50,8 +50,8 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     acc = res["rounds"][0]["accuracy"]
     assert set(acc) == {"llm"} | {f"slm{k + 1}" for k in range(n_slm)} and all(0 <= a <= 1 for a in acc.values())
     sel, nbytes = res["rounds"][0]["selected"], res["rounds"][0]["bytes"]
-    if method == "local":
-        assert sel == {} and "down" not in nbytes
+    if method in ("local", "fedavg"):
+        assert sel == {} and ("down" not in nbytes) == (method == "local")
     else:
         assert set(k.split("/")[0] for k in sel) == ({"down"} if scenario == "llm2slm" else {"down", "up"})
         assert nbytes["down"] > 0 and nbytes["up"] > 0
@@ -59,8 +59,10 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
         assert all(2 <= v <= 6 for v in sel.values())  # min_budget <= |A| <= budget
     if method == "lada-loss":
         assert all(v == 8 for v in sel.values())  # all of the pool
-    if scenario == "homo":  # FedAvg ran once, after the local step, and the SLMs' weights were averaged
+    if scenario == "homo" and method != "local":  # FedAvg ran once, after the local step, and averaged the SLMs
         assert fedavg_calls == [["slm1", "slm2", "slm3"]] and nbytes["up"] > 3 * 4 * 15000
+    else:  # `local` is local training alone, in homo too
+        assert fedavg_calls == []
     assert (tmp_path / "results.md").read_text().count("\n") == 4  # header, rule, round 0, round 1
 
 
@@ -205,9 +207,10 @@ def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
                         n_yllm=torch.full((4,), 10))
     offer = {"questions": QS, "y_llm": y_llm, "logp_llm_yllm": torch.tensor([-5.0, -5.0, -5.0, -5.0])}
     score = {"logp_llm_yslm": torch.tensor([-50.0, -50.0, -5.0, -5.0])}
-    seen = []
-    real = distill.distill
+    seen, rewarded = [], []
+    real, real_reward = distill.distill, federated.reward_and_update
     monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(federated, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real_reward(*a))
     before = [p.detach().clone() for p in client.model.parameters()]
     got = federated.client_learn(client, offer, score, cfg, random.Random(0))
     pairs = seen[0]
@@ -218,6 +221,7 @@ def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
     assert pairs[0]["q"] == 1.0 and pairs[1]["q"] == 0.0
     assert pairs[3]["q"] == pytest.approx(1 / (1 + math.exp(-m(3))), rel=1e-5)
     assert got["selected"] == 4 and 0.0 <= got["reward"] <= 1.0 and got["losses"]["dard"] > 0
+    assert rewarded == [[0, 1, 3]]  # pair 2 (y+ == y-) is dropped by DARD: no reward, no filter update
     assert any(not torch.equal(a, b) for a, b in zip(before, client.model.parameters()))
 
 
@@ -302,7 +306,8 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
     notmodel = tmp_path / "empty_dir"
     notmodel.mkdir()
     cases = [(["--scenario", "nope"], "invalid choice: 'nope'"),
-             (["--method", "fedavg"], "invalid choice: 'fedavg'"),
+             (["--smoke", "--method", "fedavg"], "--method fedavg needs --scenario homo"),
+             (["--method", "fedprox"], "invalid choice: 'fedprox'"),
              (["--smoke", "--data", f"gsm8k:{tmp_path / 'missing.jsonl'}"], "missing.jsonl: no such file"),
              (["--smoke", "--data", f"gsm8k:{bad}"], "bad.jsonl:2: expected an object"),
              (["--smoke", "--llm", str(notmodel), "--slms", str(notmodel)], "not a model directory"),
