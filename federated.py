@@ -95,7 +95,7 @@ def resolve_config(args) -> dict:
 
 
 # What a run takes where no GPU is found (measured: README "What to expect")
-CPU_MINUTES = {"cpu": "about 7 minutes from a cold cache on a 2-core CPU, 2 with its warm-ups cached",
+CPU_MINUTES = {"cpu": "about 10 minutes on a 2-core CPU, 2 once its warmed-up models are cached",
                "default": "days on a CPU (it is sized for one GPU)"}
 
 
