@@ -7,6 +7,7 @@
 - loaders for real files: GSM8K JSONL (`question`/`answer`) and MathInstruct-style JSON/JSONL
   (`instruction`/`output`).
 """
+import itertools
 import json
 import random
 import re
@@ -180,29 +181,31 @@ def make_problem(rng: random.Random, domain: str, steps: int, max_value: int = 1
     return {"question": " ".join(sentences), "answer": answer, "domain": domain}
 
 
-def generate(n: int, seed: int, domains=None, domain_probs=None, steps=(2, 5), max_value=100) -> list[dict]:
-    """n problems; each picks a domain (by domain_probs) and a step count in [steps[0], steps[1]]."""
+def _problems(seed: int, domains=None, domain_probs=None, steps=(2, 5), max_value=100):
+    """An endless seeded stream of problems; each picks a domain (by domain_probs) and a step count
+    in [steps[0], steps[1]]."""
     rng = random.Random(seed)
     domains = list(domains or DOMAIN_NAMES)
-    out = []
-    for _ in range(n):
+    while True:
         d = rng.choices(domains, weights=domain_probs)[0]
-        out.append(make_problem(rng, d, rng.randint(*steps), max_value))
-    return out
+        yield make_problem(rng, d, rng.randint(*steps), max_value)
+
+
+def generate(n: int, seed: int, domains=None, domain_probs=None, steps=(2, 5), max_value=100) -> list[dict]:
+    """The first n problems of the stream of `seed`."""
+    return list(itertools.islice(_problems(seed, domains, domain_probs, steps, max_value), n))
 
 
 def _distinct(n: int, seed: int, seen: set, domain_probs=None, steps=(2, 5), max_value=100) -> list[dict]:
     """Like `generate` (the same draws while nothing collides), but skipping any problem whose question
     is already in `seen`; the questions taken are added to it."""
-    rng = random.Random(seed)
-    out, tries = [], 0
-    while len(out) < n:
-        tries += 1
+    out = []
+    for tries, p in enumerate(_problems(seed, None, domain_probs, steps, max_value), 1):
+        if len(out) == n:
+            break
         if tries > 50 * n + 1000:
             raise DataError(f"cannot draw {n} problems with distinct questions (steps {steps}, max_value {max_value}): "
                             "raise --max_value or --max_steps, or ask for fewer")
-        d = rng.choices(DOMAIN_NAMES, weights=domain_probs)[0]
-        p = make_problem(rng, d, rng.randint(*steps), max_value)
         if p["question"] not in seen:
             seen.add(p["question"])
             out.append(p)

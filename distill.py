@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data import format_prompt
 from kernels import dard_loss_fused, head_is_plain_linear, seq_logprob
-from models import hidden_and_head
+from models import hidden_and_head, to_device
 
 IGNORE = -100
 
@@ -34,13 +34,6 @@ def encode(tokenizer, questions, paths) -> list[tuple[list[int], list[int]]]:
     answers = tokenizer(list(paths), add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
     return [(p, a + [eos]) for p, a in zip(prompts, answers)]
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Host tensor -> device: pinned and non-blocking on CUDA, so the copy overlaps queued work."""
-    if device is None or torch.device(device).type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def collate(rows, pad_id, device=None) -> dict:
@@ -71,13 +64,16 @@ def encode_pairs(tokenizer, questions, paths, device=None) -> dict:
 class TokenizedSet:
     """A party's (question, solution) examples, tokenized once, served as length-bucketed batches.
     Examples longer than `max_len` tokens (prompt + solution + EOS) are left out, never cut; `dropped`
-    counts them."""
+    counts them, and with a `name` one line says so."""
 
-    def __init__(self, tokenizer, examples, max_len=None):
+    def __init__(self, tokenizer, examples, max_len=None, name=None):
         rows = encode(tokenizer, [e["question"] for e in examples], [e["answer"] for e in examples])
         self.rows = [r for r in rows if max_len is None or len(r[0]) + len(r[1]) <= max_len]
         self.dropped, self.pad_id = len(rows) - len(self.rows), tokenizer.pad_token_id
         self.lengths = [len(p) + len(a) for p, a in self.rows]
+        if self.dropped and name:
+            print(f"{name}: {self.dropped} of {len(rows)} examples are longer than --max_len {max_len} tokens "
+                  "and are left out", flush=True)
 
     def __len__(self):
         return len(self.rows)
@@ -260,10 +256,7 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
     on its own data before the rounds); returns the mean loss of the last 20 steps. Call it inside
     `autocast(...)` for bf16 on a GPU."""
     rng = random.Random(seed)
-    data = TokenizedSet(tokenizer, examples, max_len)
-    if data.dropped:
-        print(f"{desc}: {data.dropped} of {data.dropped + len(data)} examples are longer than max_len {max_len} "
-              "tokens and are left out", flush=True)
+    data = TokenizedSet(tokenizer, examples, max_len, name=desc)
     model.to(device).train()
     opt = make_optimizer(model, lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -25,6 +25,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from data import format_prompt
+from models import to_device
 
 # -----------------------------------------------------------------------------
 # Answer extraction. Normalization follows the official grader (drop thousands commas, compare
@@ -155,7 +156,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
                 attention_mask = torch.tensor([[0] * (T - len(ids[i])) + [1] * len(ids[i]) for i in rows])
                 stop = StoppingCriteriaList([_StopAfterAnswer(tokenizer, T)]) if stop_at_answer_line else None
                 gen = model.generate(
-                    input_ids=_to(input_ids, device), attention_mask=_to(attention_mask, device),
+                    input_ids=to_device(input_ids, device), attention_mask=to_device(attention_mask, device),
                     max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                     stopping_criteria=stop, use_cache=True, **sampling)  # (B, T + new)
                 texts = tokenizer.batch_decode(gen[:, T:].tolist(), skip_special_tokens=True,
@@ -165,11 +166,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
     finally:
         model.train(was_training)
     return out
-
-
-def _to(t, device):
-    """Host tensor -> device: pinned and non-blocking on CUDA."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 # -----------------------------------------------------------------------------
 # Evaluation

@@ -22,7 +22,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -174,10 +174,7 @@ class Party:
 
         self.name, self.model, self.tok, self.info, self.test = name, model, tok, info, test
         self.opt = make_optimizer(model, cfg["lr_llm"] if name == "llm" else cfg["lr"])
-        self.local = TokenizedSet(tok, local, cfg["max_len"])  # D_pub for the LLM, D_k for client k
-        if self.local.dropped:
-            print(f"{name}: {self.local.dropped} of {len(local)} local examples are longer than --max_len "
-                  f"{cfg['max_len']} tokens and are left out", flush=True)
+        self.local = TokenizedSet(tok, local, cfg["max_len"], name=name)  # D_pub for the LLM, D_k for client k
         self.public = public  # D_pub is held by the server and visible to all [host]
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
         self.filters, self.state = {}, {}
@@ -186,7 +183,7 @@ class Party:
 def build_parties(cfg, splits) -> dict:
     """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
     from distill import warm_up
-    from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_party
+    from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
     dev = cfg["device"]
     if cfg["llm"] or cfg["slms"]:
@@ -213,12 +210,12 @@ def build_parties(cfg, splits) -> dict:
                 loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
                 info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo,
                             tokenizer=list(tok_spec), vocab=len(tok))
-                save_party(path, model, tok, info)
+                save_model(model, tok, path, info=info)
                 got = (model, tok, dict(info, cached=False))
             loaded[name] = got
     parties = {}
     for k, (name, (model, tok, info)) in enumerate(loaded.items()):
-        info.setdefault("params", sum(p.numel() for p in model.parameters()))
+        info.setdefault("params", n_params(model))
         local = splits["public"] if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
         parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
@@ -498,18 +495,17 @@ def write_report(out, results):
 # -----------------------------------------------------------------------------
 # The run: data and parties, then `for rnd in range(rounds)`, the steps of spec §2 in order
 
+@contextmanager
 def phase(times: dict, name: str, dev: str):
     """Add the seconds of a `with` block to times[name] (the GPU's queue drained first, so a phase is
     charged for its own kernels; one sync per phase)."""
-    class _Timer:
-        def __enter__(self):
-            self.t0 = time.time()
-
-        def __exit__(self, *exc):
-            if dev.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name] = round(times.get(name, 0.0) + time.time() - self.t0, 2)
-    return _Timer()
+    t0 = time.time()
+    try:
+        yield
+    finally:  # a failing step is charged too
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        times[name] = round(times.get(name, 0.0) + time.time() - t0, 2)
 
 
 def run(cfg):
@@ -550,7 +546,7 @@ def run(cfg):
     toks = {n: p.tok for n, p in parties.items()}
     opts = {n: p.opt for n, p in parties.items()}
     filters = {**{f"down/{c.name}": c.filters["down"] for c in clients if "down" in c.filters},
-               **{k: f for k, f in server.filters.items()}}
+               **server.filters}
 
     def evaluate_all():
         accs, strict = {}, {}

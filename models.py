@@ -136,11 +136,14 @@ def commit_dir(tmp: Path, path):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, tokenizer, path):
-    """Model (safetensors) + tokenizer in the Hugging Face layout, written atomically."""
+def save_model(model, tokenizer, path, info: dict | None = None):
+    """Model (safetensors) + tokenizer in the Hugging Face layout (+ info.json when given), written
+    atomically: everything lands in one rename."""
     tmp = atomic_dir(path)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    if info is not None:
+        (tmp / "info.json").write_text(json.dumps(info))
     commit_dir(tmp, path)
 
 
@@ -177,6 +180,13 @@ def load_model(path, device="cpu", dtype=None):
 # -----------------------------------------------------------------------------
 # The fused-kernel accessor (spec §5)
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host tensor -> device: pinned and non-blocking on CUDA, so the copy overlaps queued work."""
+    if device is None or torch.device(device).type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def hidden_and_head(model, input_ids, attention_mask=None):
     """Final hidden states after the final norm (B, T, d) and the output head weight (V, d).
     Right-padded batches need no attention_mask (a causal model's real positions never see the pads)."""
@@ -205,7 +215,8 @@ def party_cache_dir(cache_dir, name: str, zoo_name: str, tok_spec: tuple, corpus
 
 def load_cached_party(path, device="cpu"):
     """(model, tokenizer, info) from a finished cache entry, or None. An entry counts as finished only
-    once info.json is in it (written last, atomically), so a half-written entry is never loaded."""
+    once info.json is in it (`save_model(..., info=...)` commits it with the model in one rename), so a
+    half-written entry is never loaded."""
     path = Path(path)
     if not (path / "info.json").is_file():
         return None
@@ -218,15 +229,6 @@ def new_party(zoo_name: str, tok_spec: tuple, corpus: list[str], seed: int = 0, 
     ("bpe", vocab_size)) and a randomly initialized model of the zoo entry."""
     tok = build_tokenizer(tok_spec[0], corpus, *tok_spec[1:])
     return build_model(tokenizer=tok, max_len=max_len, seed=seed, **ZOO[zoo_name]), tok
-
-
-def save_party(path, model, tokenizer, info: dict):
-    """Store a warmed-up party in the cache: model and tokenizer, then info.json, in one atomic rename."""
-    tmp = atomic_dir(path)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "info.json").write_text(json.dumps(info))
-    commit_dir(tmp, path)
 
 
 @torch.no_grad()
@@ -243,8 +245,8 @@ def mean_hidden(model, tokenizer, texts, batch_size=256, device="cpu"):
         T = max(len(r) for r in rows)
         x = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
         m = torch.tensor([[1.0] * len(r) + [0.0] * (T - len(r)) for r in rows])
-        h, _ = hidden_and_head(model, x.to(device))  # (B, T, d)
-        m = m.to(device).unsqueeze(-1)
+        h, _ = hidden_and_head(model, to_device(x, device))  # (B, T, d)
+        m = to_device(m, device).unsqueeze(-1)
         out.append(((h.float() * m).sum(1) / m.sum(1).clamp_min(1)))
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.zeros(0, model.config.hidden_size)

@@ -18,3 +18,25 @@ if not _HAS_CUDA:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def logp64():
+    """logp64(model, tok, question, path): log p(path + EOS | prompt) from the model's own logits in
+    float64 (log_softmax over the whole text, summed over the path's tokens and EOS), a truth that
+    shares no code with distill.py or kernels/."""
+    import torch
+
+    from data import format_prompt
+
+    def logp(model, tok, q, y):
+        p = tok(format_prompt(q), add_special_tokens=False).input_ids
+        a = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
+        return sum(lp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1))
+    return logp

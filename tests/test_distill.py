@@ -182,19 +182,12 @@ def test_distill_sft_and_identical_pairs(tok):
         distill.distill(model, tok, opt, samples, local, "kl", cfg, random.Random(0))
 
 
-def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch):
+def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
     """DARD's pi_ref: log-probs of y+ and y- under the model exactly as distill() is called, frozen
     for every step after (README: departures from the spec)."""
     model = models.build_model(tokenizer=tok, seed=4, **models.ZOO["llama-tiny"])
     samples = _pairs(3, seed=4)
-
-    def logp(q, y):  # float64, from the model's own logits (shares no code with distill or kernels)
-        p = tok(data.format_prompt(q), add_special_tokens=False).input_ids
-        a = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        ids = torch.tensor([p + a])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
-        return sum(lp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1))
+    logp = lambda q, y: logp64(model, tok, q, y)
 
     want = torch.tensor([logp(s["question"], s["y_pos"]) for s in samples] +  # float64
                         [logp(s["question"], s["y_neg"]) for s in samples], dtype=torch.float64)

@@ -150,20 +150,6 @@ GOLD = ["12 + 5 = <<12+5=17>>17\n#### 17", "30 - 8 = <<30-8=22>>22\n#### 22", "4
         "9 + 4 = <<9+4=13>>13\n#### 13"]
 
 
-def _independent_logp(party, q, y):
-    """log p(y|x) from the model's own logits in float64: log_softmax over the whole text, summed over
-    the path's tokens and EOS (a truth that shares no code with distill/kernels)."""
-    import data
-
-    tok, model = party.tok, party.model
-    p = tok(data.format_prompt(q), add_special_tokens=False).input_ids
-    a = tok(y, add_special_tokens=False).input_ids + [tok.eos_token_id]
-    ids = torch.tensor([p + a])
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=ids).logits.double()[0, :-1], -1)
-    return sum(lp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1))
-
-
 @pytest.fixture()
 def parties(tmp_path):
     """A server and one client built by hand (tiny random models, no warm-up), the smoke config."""
@@ -178,7 +164,8 @@ def parties(tmp_path):
     return cfg, made["llm"], made["slm1"]
 
 
-def test_client_answer_and_server_score_carry_the_right_scores(parties):
+def test_client_answer_and_server_score_carry_the_right_scores(parties, logp64):
+    _independent_logp = lambda party, q, y: logp64(party.model, party.tok, q, y)  # float64 truth
     cfg, server, client = parties
     offer = {"questions": QS, "y_llm": GOLD, "logp_llm_yllm": torch.zeros(4)}
     reply = federated.client_answer(client, offer, cfg, rnd=1, k=0)

@@ -91,7 +91,7 @@ def test_warm_up_learns_and_the_cache_returns_it(tmp_path, corpus):
     first = distill.warm_up(models.build_model(tokenizer=tok, **models.ZOO["llama-tiny"]), tok, train, steps=1)
     loss = distill.warm_up(model, tok, train, **warm)
     assert loss < 0.75 * first  # 60 steps lower the per-token NLL well below the start
-    models.save_party(path, model, tok, dict(warm_loss=loss))
+    models.save_model(model, tok, path, info=dict(warm_loss=loss))
     again, _, info = models.load_cached_party(path)
     assert info == dict(warm_loss=loss, cached=True)
     for a, b in zip(model.parameters(), again.parameters()):
