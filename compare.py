@@ -1,16 +1,20 @@
-"""compare.py: LaDa against its baselines in every scenario (spec §2's tables), several seeds.
+"""compare.py: LaDa against its baselines on the testbed, with the power to tell them apart.
 
-    python compare.py --preset cpu --seeds 0,1,2          # run what is missing, then the tables
-    python compare.py --preset cpu --tables               # only rebuild the tables from results/
-    python compare.py --preset cpu --gap                  # the learnability-gap experiment
+    python compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
+    python compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
+    python compare.py --tables                # only rebuild the tables, verdicts and plot from results/
 
-Each run is `federated.py` with one (scenario, method, seed); its results.json is copied to
-results/<preset>/<scenario>/<method>-s<seed>.json (committed), so the tables and the plot are
-regenerated from those files alone. A run whose file exists is skipped: an interrupted comparison
-continues where it stopped. Hyperparameters are the spec's defaults, untuned (the README discloses
-the one exception, the round learning rate). The seeds vary the rounds (pool draws, sampled paths, filter initialization); the data
-and the warmed-up models are shared (`--data_seed 0`), so the spread over seeds measures the
-federated phase alone.
+Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
+data, the warm-ups and the rounds. Its results.json is copied to
+results/testbed/<scenario>/<method>-s<seed>.json (committed), so the tables, the hypotheses' verdicts
+and the plot are rebuilt from those files alone. A run whose file exists is skipped and an
+interrupted run resumes from its last round: an interrupted grid loses one round at most.
+`random` runs after `lada` of the same scenario and seed and allocates, per student and round, the
+count lada's filter picked (--counts_from), so the two differ only in which samples.
+
+Every method-vs-method claim is a paired difference of final accuracy (the same test problems, the
+same seeds) with a 95% bootstrap interval: seeds resampled, then each party's test problems within a
+seed. The hypotheses and their rule were written in the README before the grid ran.
 """
 import argparse
 import json
@@ -20,107 +24,262 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 import federated
 
 ROOT = Path(__file__).resolve().parent
-METHODS = list(federated.METHODS)
-BASELINES = ["local", "fedmkt", "random"]
-ABLATIONS = ["lada-filter", "lada-loss"]
+PRESET = "testbed"
+BASELINES = ["local", "fedmkt", "random", "fedavg"]
+ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lada"]  # lada before random (its counts)
+RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
+SEEDS = [0, 1, 2]
 
 
-def run_one(preset, scenario, method, seed, extra, dest: Path, workdir: Path):
-    out = workdir / f"{preset}-{scenario}-{method}-s{seed}{'-' + '-'.join(extra).replace('--', '') if extra else ''}"
-    args = ["--preset", preset, "--scenario", scenario, "--method", method, "--seed", str(seed), "--out", str(out),
-            "--cache", str(workdir / "cache"), "--data_seed", "0"] + extra + (["--resume"] if (out / "ckpt").exists() else [])
+# -----------------------------------------------------------------------------
+# Runs
+
+def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
+    """federated.py once (resuming its own directory if it was cut), results.json copied to dest atomically."""
+    out = workdir / dest.relative_to(ROOT / "results" / PRESET).with_suffix("")
+    args = ["--preset", PRESET, "--scenario", scenario, "--method", method, "--seed", str(seed), "--out", str(out),
+            "--cache", str(workdir / "cache")] + extra + (["--resume"] if (out / "ckpt").exists() else [])
+    t0 = time.time()
     if federated.main(args) != 0:
         raise SystemExit(f"compare.py: run failed: federated.py {' '.join(args)}")
     res = json.loads((out / "results.json").read_text())
     res["config"].pop("cache", None), res["config"].pop("out", None)
+    res["wall_seconds"] = round(time.time() - t0, 1)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, dest)
+    print(f"compare.py: {dest.relative_to(ROOT)} in {res['wall_seconds']:.0f}s", flush=True)
 
 
-def final(res):
-    """Final accuracy of every party: the LLM on the public test set, each SLM on its own."""
-    return res["rounds"][-1]["accuracy"] if res["rounds"] else res["initial"]
+def grid_runs(scenarios, methods, seeds):
+    """(scenario, method, seed, extra flags, result file) of the grid, in run order; `random` after `lada`."""
+    res = ROOT / "results" / PRESET
+    for seed in seeds:
+        for scen in scenarios:
+            for m in [m for m in RUN_ORDER if m in methods]:
+                if m == "fedavg" and scen != "homo":  # FedAvg needs one architecture
+                    continue
+                extra = ["--counts_from", str(res / scen / f"lada-s{seed}.json")] if m == "random" else []
+                yield scen, m, seed, extra, res / scen / f"{m}-s{seed}.json"
+        for size in ("mid", "large"):  # the learnability gap: the smallest SLM alone with either LLM
+            for m in ("lada-loss", "lada"):
+                yield "one2one", m, seed, ["--llm_size", size], res / "gap" / f"{size}-{m}-s{seed}.json"
 
 
-def fmt(xs):
+def headroom_runs(seeds):
+    res = ROOT / "results" / PRESET / "headroom"
+    for seed in seeds:
+        for m in ("local", "oracle"):
+            yield "hetero", m, seed, ["--eval_split", "val"], res / f"{m}-s{seed}.json"  # tuning reads no test set
+
+
+# -----------------------------------------------------------------------------
+# Statistics: final per-problem correctness, paired differences, bootstrap intervals
+
+def load(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def correct(res, party) -> np.ndarray:
+    """0/1 per test problem of `party` after the last round (after warm-up if there was none)."""
+    bits = res["rounds"][-1]["correct"][party] if res["rounds"] else res["initial_correct"][party]
+    return np.frombuffer(bits.encode(), dtype=np.uint8) - ord("0")
+
+
+def slms(res):
+    return [p for p in res["initial_correct"] if not p.startswith("llm")]
+
+
+def paired(runs_a, runs_b, parties, n_boot=2000, seed=0):
+    """Mean over seeds and parties of accuracy(A) - accuracy(B), and its 95% interval from a bootstrap
+    that resamples seeds, then each party's test problems within a seed. runs_x: {seed: results}.
+    Returns (diff, lo, hi, n_seeds) in points, or None without a common seed."""
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        return None
+    d = [[correct(runs_a[s], p).astype(float) - correct(runs_b[s], p) for p in parties(runs_a[s])] for s in seeds]
+    if not all(d):  # e.g. no private-only domain in these runs
+        return None
+    rng = np.random.default_rng(seed)
+    point = np.mean([np.mean([x.mean() for x in ds]) for ds in d])
+    # draw[j][s]: n_boot resampled party-mean differences of seed s, for the j-th seed slot of a replicate
+    # (independent across slots, so a seed drawn twice gets two independent problem resamples)
+    draw = [[np.mean([x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) for x in d[s]], 0) for s in range(len(seeds))]
+            for _ in range(len(seeds))]
+    chosen = rng.integers(0, len(seeds), (n_boot, len(seeds)))
+    boots = np.mean([np.array(draw[j])[chosen[:, j], np.arange(n_boot)] for j in range(len(seeds))], 0)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return 100 * point, 100 * lo, 100 * hi, len(seeds)
+
+
+def verdict(ci, direction=+1):
+    """The pre-registered rule: supported if the 95% interval excludes 0 on the predicted side,
+    contradicted if it excludes 0 on the other, else not decided."""
+    if ci is None:
+        return "not run"
+    _, lo, hi, _ = ci
+    lo, hi = (lo, hi) if direction > 0 else (-hi, -lo)
+    return "supported" if lo > 0 else "contradicted" if hi < 0 else "not decided"
+
+
+def fmt_ci(ci):
+    return "–" if ci is None else f"{ci[0]:+.1f} [{ci[1]:+.1f}, {ci[2]:+.1f}]"
+
+
+def runs_of(res_dir: Path, sub: str, name: str) -> dict:
+    """{seed: results} of results/<preset>/<sub>/<name>-s<seed>.json."""
+    out = {}
+    for p in sorted((res_dir / sub).glob(f"{name}-s*.json")):
+        out[int(p.stem.rsplit("-s", 1)[1])] = json.loads(p.read_text())
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Tables
+
+def acc_cell(runs, party):
+    xs = [100 * correct(r, party).mean() for r in runs.values() if party in r["initial_correct"]]
     if not xs:
         return "–"
-    m = 100 * statistics.mean(xs)
-    return f"{m:.1f} ± {100 * statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{m:.1f}"
+    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def slm_mean(runs):
+    xs = [100 * np.mean([correct(r, p).mean() for p in slms(r)]) for r in runs.values()]
+    return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}") if xs else "–"
+
+
+def table(runs: dict, title: str) -> list[str]:
+    """Final accuracy (mean ± std over seeds, %) of every party per method; warm-up row first."""
+    any_run = next(iter(runs.values()))
+    r0 = next(iter(any_run.values()))
+    parties = list(r0["initial_correct"])
+    warm = {s: dict(r, rounds=[]) for s, r in any_run.items()}
+    cols = parties + ["SLM mean", "MB/round", "s/run"]
+    sizes = ", ".join(f"{p} {len(r0['initial_correct'][p])}" for p in parties)
+    md = [f"\n**{title}** ({len(any_run)} seed(s); final accuracy %, mean ± std over seeds; test problems: {sizes})\n",
+          "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, rs in [("after warm-up", warm)] + list(runs.items()):
+        cells = [acc_cell(rs, p) for p in parties] + [slm_mean(rs)]
+        mb = [sum(x["bytes"].values()) / 1e6 for r in rs.values() for x in r["rounds"]]
+        wall = [r["wall_seconds"] for r in rs.values() if "wall_seconds" in r and r["rounds"]]
+        cells += [f"{statistics.mean(mb):.2f}" if mb else "–", f"{statistics.mean(wall):.0f}" if wall else "–"]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return md
+
+
+SLM = lambda r: slms(r)
+LLM = lambda r: ["llm"]
+LLM_PRIVATE = lambda r: [p for p in ("llm-private",) if p in r["initial_correct"]]
+
+
+def hypotheses(res_dir: Path) -> list[str]:
+    """The pre-registered hypotheses (README), each a paired difference with its interval and verdict."""
+    rows = []
+    for scen in federated.SCENARIOS:
+        got = {m: runs_of(res_dir, scen, m) for m in ORDER}
+        if not got["lada"]:
+            continue
+        base = [m for m in BASELINES if got[m]]
+        best = max(base, key=lambda m: np.mean([np.mean([correct(r, p).mean() for p in slms(r)]) for r in got[m].values()]))
+        ci = paired(got["lada"], got[best], SLM)
+        rows.append((f"H1 {scen}", f"lada − best baseline ({best}), SLM mean", ci, verdict(ci)))
+        if scen != "llm2slm":
+            for who, sel in (("LLM, public test", LLM), ("LLM, private-only domain", LLM_PRIVATE)):
+                ci = paired(got["lada"], got["local"], sel) if got["local"] else None
+                rows.append((f"H2 {scen}", f"lada − local, {who}", ci, verdict(ci)))
+        ci = paired(got["lada"], got["random"], SLM)
+        rows.append((f"H3 {scen}", "lada − random at lada's counts, SLM mean", ci, verdict(ci)))
+        ci = paired(got["lada"], got["lada-filter"], SLM)
+        rows.append((f"H4 {scen}", "lada (DARD) − lada-filter (SFT), SLM mean", ci, verdict(ci)))
+    gap = {(size, m): runs_of(res_dir, "gap", f"{size}-{m}") for size in ("mid", "large") for m in ("lada-loss", "lada")}
+    if gap[("mid", "lada-loss")] and gap[("large", "lada-loss")]:
+        ci = paired(gap[("mid", "lada-loss")], gap[("large", "lada-loss")], SLM)
+        rows.append(("H5a one2one", "no filter (lada-loss): SLM from mid LLM − from large LLM", ci, verdict(ci)))
+        if all(gap.values()):
+            ci = gap_closing(gap)
+            rows.append(("H5b one2one", "the filter closes it: (mid − large) with lada − (mid − large) with lada-loss",
+                         ci, verdict(ci, -1)))
+    md = ["\n**Hypotheses** (pre-registered in the README; paired difference of final accuracy in points, "
+          "95% bootstrap interval over seeds and test problems; rule: supported if the interval excludes 0 on "
+          "the predicted side)\n", "| | difference | estimate [95% CI] | seeds | verdict |", "|---|---|---|---|---|"]
+    md += [f"| {h} | {what} | {fmt_ci(ci)} | {ci[3] if ci else 0} | {v} |" for h, what, ci, v in rows]
+    return md
+
+
+def gap_closing(gap, n_boot=2000, seed=0):
+    """Difference in differences of the SLM's final accuracy: (mid − large | lada) − (mid − large | lada-loss),
+    each arm on its own test set of the same seed (one2one: one SLM), bootstrapped as in `paired`."""
+    seeds = sorted(set.intersection(*(set(v) for v in gap.values())))
+    vec = {k: [correct(v[s], "slm1").astype(float) for s in seeds] for k, v in gap.items()}
+    dd = [vec[("mid", "lada")][i] - vec[("large", "lada")][i] - vec[("mid", "lada-loss")][i] + vec[("large", "lada-loss")][i]
+          for i in range(len(seeds))]
+    rng = np.random.default_rng(seed)
+    draw = [[dd[s][rng.integers(0, len(dd[s]), (n_boot, len(dd[s])))].mean(1) for s in range(len(seeds))]
+            for _ in range(len(seeds))]
+    chosen = rng.integers(0, len(seeds), (n_boot, len(seeds)))
+    boots = np.mean([np.array(draw[j])[chosen[:, j], np.arange(n_boot)] for j in range(len(seeds))], 0)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return 100 * np.mean([x.mean() for x in dd]), 100 * lo, 100 * hi, len(seeds)
+
+
+def headroom(res_dir: Path):
+    """The headroom table and its verdict: oracle must beat local by >= 10 points on the SLM mean (point
+    estimate, interval above 0) and on the LLM's private-only domain (interval above 0)."""
+    local, oracle = runs_of(res_dir, "headroom", "local"), runs_of(res_dir, "headroom", "oracle")
+    if not (local and oracle):
+        return [], None
+    md = table({"local": local, "oracle": oracle}, "Headroom check (hetero, validation sets)")
+    slm, priv = paired(oracle, local, SLM), paired(oracle, local, LLM_PRIVATE)
+    ok = bool(slm is not None and slm[0] >= 10 and slm[1] > 0 and priv is not None and priv[1] > 0)
+    md += ["", f"oracle − local: SLM mean {fmt_ci(slm)} points, LLM on the private-only domain {fmt_ci(priv)} "
+               f"({slm[3] if slm else 0} seeds). Headroom: **{'yes' if ok else 'no'}** (needs ≥ 10 points on the SLM "
+               "mean and both intervals above 0)."]
+    return md, ok
 
 
 def tables(res_dir: Path) -> str:
-    """Markdown: per scenario, final accuracy (mean ± std over seeds) per method and party; best in bold."""
-    md = []
+    md, _ = headroom(res_dir)
     for scen in federated.SCENARIOS:
-        runs = {m: [json.loads(p.read_text()) for p in sorted((res_dir / scen).glob(f"{m}-s*.json"))] for m in METHODS}
+        runs = {m: runs_of(res_dir, scen, m) for m in ORDER}
         runs = {m: r for m, r in runs.items() if r}
-        if not runs:
-            continue
-        parties = list(final(next(iter(runs.values()))[0]))
-        mean = {m: {p: statistics.mean(final(r)[p] for r in rs) for p in parties} for m, rs in runs.items()}
-        avg = {m: statistics.mean(mean[m][p] for p in parties if p != "llm") for m in runs}
-        cols = parties + ["SLM mean", "MB/round", "s/round"]
-        md += [f"\n**{scen}** ({len(next(iter(runs.values())))} seed(s); accuracy %, mean ± std; LLM on the public "
-               f"test set, each SLM on its own)\n", "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        for m, rs in runs.items():
-            cells = []
-            for p in parties:
-                c = fmt([final(r)[p] for r in rs])
-                best = max(mean[k][p] for k in runs)
-                cells.append(f"**{c}**" if mean[m][p] == best else c)
-            c = fmt([statistics.mean(final(r)[p] for p in parties if p != "llm") for r in rs])
-            cells.append(f"**{c}**" if avg[m] == max(avg.values()) else c)
-            mb = [sum(x["bytes"].values()) / 1e6 for r in rs for x in r["rounds"]]
-            sec = [x["seconds"] for r in rs for x in r["rounds"]]
-            cells += [f"{statistics.mean(mb):.2f}" if mb else "–", f"{statistics.mean(sec):.0f}" if sec else "–"]
-            md.append(f"| {m} | " + " | ".join(cells) + " |")
-        base = [m for m in BASELINES if m in runs]
-        if "lada" in runs and base:
-            best_b = max(base, key=lambda m: avg[m])
-            md.append(f"\nLaDa vs the best baseline ({best_b}) on the SLM mean: {100 * (avg['lada'] - avg[best_b]):+.1f} points; "
-                      f"LLM: {100 * (mean['lada']['llm'] - max(mean[m]['llm'] for m in base)):+.1f} points.")
-    gap = sorted((res_dir / "gap").glob("*.json"))
+        if runs:
+            md += table(runs, scen)
+    gap = {f"{size} LLM, {m}": runs_of(res_dir, "gap", f"{size}-{m}") for size in ("mid", "large") for m in ("lada-loss", "lada")}
+    gap = {k: v for k, v in gap.items() if v}
     if gap:
-        md += ["\n**Learnability gap** (one2one: the smallest SLM distilled from a mid-size or the large LLM; "
-               "final SLM accuracy %, mean ± std)\n",
-               "| LLM | parameters | LLM after warm-up | SLM after warm-up | no filter (lada-loss) | filter (lada) |",
-               "|---|---|---|---|---|---|"]
-        for size in ("mid", "large"):
-            rs = {m: [json.loads(p.read_text()) for p in gap if p.name.startswith(f"{size}-{m}-s")] for m in ("lada-loss", "lada")}
-            r0 = rs["lada"][0] if rs["lada"] else rs["lada-loss"][0]
-            cell = lambda m: fmt([final(r)["slm1"] for r in rs[m]])
-            md.append(f"| {size} | {r0['parties']['llm']['params'] / 1e6:.2f} M | {100 * r0['initial']['llm']:.0f}% | "
-                      f"{100 * r0['initial']['slm1']:.0f}% | {cell('lada-loss')} | {cell('lada')} |")
+        md += table(gap, "Learnability gap (one2one: the smallest SLM with a mid-size or the large LLM)")
+    md += hypotheses(res_dir)
     return "\n".join(md)
 
 
 def plot(res_dir: Path, scenario="hetero"):
+    """SLM mean and LLM accuracy per round, mean over seeds (rounds before the last on the first
+    eval_subset problems)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for m in METHODS:
-        rs = [json.loads(p.read_text()) for p in sorted((res_dir / scenario).glob(f"{m}-s*.json"))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for m in ORDER:
+        rs = list(runs_of(res_dir, scenario, m).values())
         if not rs:
             continue
-        accs = [[r["initial"]] + [x["accuracy"] for x in r["rounds"]] for r in rs]
-        n = min(len(a) for a in accs)
-        slm = [statistics.mean(statistics.mean(v for k, v in a[i].items() if k != "llm") for a in accs) for i in range(n)]
-        llm = [statistics.mean(a[i]["llm"] for a in accs) for i in range(n)]
-        axes[0].plot(range(n), [100 * x for x in slm], marker="o", label=m)
-        axes[1].plot(range(n), [100 * x for x in llm], marker="o", label=m)
-        for ax in axes:
+        curves = [[r["initial"]] + [x["accuracy"] for x in r["rounds"]] for r in rs]
+        n = min(len(c) for c in curves)
+        for ax, pick in zip(axes, (lambda a: np.mean([v for k, v in a.items() if not k.startswith("llm")]),
+                                   lambda a: a["llm"], lambda a: a.get("llm-private", np.nan))):
+            ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m)
             ax.set_xticks(range(n))
-    for ax, t in zip(axes, ("SLMs (mean of own test sets)", "LLM (public test set)")):
+    for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{scenario}: {t}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -132,43 +291,44 @@ def plot(res_dir: Path, scenario="hetero"):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="cpu", choices=list(federated.PRESETS))
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
     p.add_argument("--scenarios", default=",".join(federated.SCENARIOS))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--tables", action="store_true", help="only rebuild tables and plot from results/")
-    p.add_argument("--gap", action="store_true", help="also run the learnability-gap experiment")
+    p.add_argument("--methods", default=",".join(RUN_ORDER))
+    p.add_argument("--headroom", action="store_true", help="run only the headroom check (oracle vs local)")
+    p.add_argument("--tables", action="store_true", help="only rebuild tables, verdicts and plot from results/")
+    p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
     p.add_argument("--workdir", default="runs/compare", help="run directories and the model cache")
     args = p.parse_args(argv)
-    res_dir = ROOT / "results" / args.preset
+    res_dir = ROOT / "results" / PRESET
+    seeds = [int(s) for s in args.seeds.split(",")]
     if not args.tables:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        todo = list(headroom_runs(seeds))
+        if not args.headroom:
+            _, ok = headroom(res_dir)
+            if not ok and not args.force:
+                print("compare.py: the headroom check has not passed (run --headroom first; without headroom the "
+                      "testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
+                return 2
+            todo = list(grid_runs(args.scenarios.split(","), args.methods.split(","), seeds))
+        todo = [t for t in todo if not t[-1].exists()]
         t0 = time.time()
-        for seed in seeds:
-            for scen in args.scenarios.split(","):
-                for m in args.methods.split(","):
-                    if m == "fedavg" and scen != "homo":  # FedAvg needs one architecture
-                        continue
-                    dest = res_dir / scen / f"{m}-s{seed}.json"
-                    if not dest.exists():
-                        run_one(args.preset, scen, m, seed, [], dest, Path(args.workdir))
-            if args.gap:
-                for size in ("mid", "large"):
-                    for m in ("lada-loss", "lada"):
-                        dest = res_dir / "gap" / f"{size}-{m}-s{seed}.json"
-                        if not dest.exists():
-                            run_one(args.preset, "one2one", m, seed, ["--llm_size", size], dest, Path(args.workdir))
-        print(f"comparison runs done in {time.time() - t0:.0f}s")
+        for i, (scen, m, seed, extra, dest) in enumerate(todo):
+            if i:
+                eta = (time.time() - t0) / i * (len(todo) - i)
+                print(f"compare.py: run {i + 1}/{len(todo)}, ETA {eta / 60:.0f} min", flush=True)
+            run_one(scen, m, seed, extra, dest, Path(args.workdir))
+        print(f"compare.py: {len(todo)} runs in {time.time() - t0:.0f}s")
     md = tables(res_dir)
     (res_dir / "tables.md").write_text(md + "\n")
     plot(res_dir)
-    readme = ROOT / "README.md"  # the tables also go between the README's markers for this preset
-    begin, end = f"<!-- tables:{args.preset}:begin -->", f"<!-- tables:{args.preset}:end -->"
+    readme = ROOT / "README.md"  # the tables also go between the README's markers
+    begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"
     text = readme.read_text()
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         readme.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
+    return 0
 
 
 if __name__ == "__main__":

@@ -213,30 +213,57 @@ def _distinct(n: int, seed: int, seen: set, domain_probs=None, steps=(2, 5), max
 
 
 def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_val: int,
-                n_general: int = 0, alpha: float = 0.5, seed: int = 0, steps=(2, 5), max_value=100) -> dict:
+                n_general: int = 0, alpha: float = 0.5, seed: int = 0, steps=(2, 5), max_value=100,
+                private_only=(), private_only_share: float = 0.0) -> dict:
     """The federated splits of spec §1 on generated data, disjoint by question text.
 
     public/public_val/public_test mix all domains uniformly (the server's data); client k's
     private/val/test sets all follow one domain mix p_k ~ Dirichlet(alpha) (non-IID); `general`
-    is extra all-domain data for the LLM's warm-up only. Test sets are drawn first, then validation
-    sets, then the training sets, each skipping every question drawn before it, so no question is
-    in two splits (nor twice in one).
+    is extra data for the LLM's warm-up only. The server's splits are drawn first, then each
+    client's (test, val, private) in turn, each skipping every question drawn before it: no question
+    is in two splits (nor twice in one), and neither the server's splits nor client k's depend on
+    how many clients follow (so `one2one` shares the LLM and client 1 of `hetero`).
+
+    private_only (the testbed's knowledge split, README "The testbed"): domains whose solutions
+    only the clients hold. `general` has none of them; the public pool holds their questions with
+    the final answer alone ("#### N", marked "answer_only": every party can check a path, none can
+    train on a solution); each client's mix gives them private_only_share in all; and
+    `public_test_private` (`public_val_private`) holds n_test (n_val) problems of these domains, the
+    LLM's test (validation) set of them.
     """
+    private_only = list(private_only)
+    for d in private_only:
+        if d not in DOMAINS:
+            raise DataError(f"unknown domain '{d}' (domains: {', '.join(DOMAIN_NAMES)})")
     rs = np.random.default_rng(seed)
-    mixes = [rs.dirichlet([alpha] * len(DOMAIN_NAMES)).tolist() for _ in range(num_clients)]
+    mixes = []
+    for _ in range(num_clients):
+        p = rs.dirichlet([alpha] * len(DOMAIN_NAMES))
+        if private_only:
+            p = (1 - private_only_share) * p + private_only_share * np.array(
+                [1.0 / len(private_only) if d in private_only else 0.0 for d in DOMAIN_NAMES])
+        mixes.append(p.tolist())
     seen = set()
     gen = lambda n, s, probs=None: _distinct(n, s, seen, probs, steps, max_value)
     base = lambda k: seed * 1000 + 100 * (k + 1)
-    public_test = gen(n_test, seed * 1000 + 3)
-    tests = [gen(n_test, base(k) + 2, p) for k, p in enumerate(mixes)]
-    public_val = gen(n_val, seed * 1000 + 2)
-    vals = [gen(n_val, base(k) + 1, p) for k, p in enumerate(mixes)]
-    public = gen(n_public, seed * 1000 + 1)
-    privates = [gen(n_private, base(k), p) for k, p in enumerate(mixes)]
-    general = gen(n_general, seed * 1000 + 4)
-    return {"public": public, "public_val": public_val, "public_test": public_test, "general": general,
-            "clients": [{"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": privates[k], "val": vals[k],
-                         "test": tests[k]} for k, p in enumerate(mixes)]}
+    shared = [0.0 if d in private_only else 1.0 for d in DOMAIN_NAMES]  # the domains the server knows
+    splits = {"public_test": gen(n_test, seed * 1000 + 3), "public_val": gen(n_val, seed * 1000 + 2),
+              "public": gen(n_public, seed * 1000 + 1), "general": gen(n_general, seed * 1000 + 4, shared),
+              "public_test_private": (gen(n_test, seed * 1000 + 5, [1.0 - x for x in shared]) if private_only else []),
+              "public_val_private": (gen(n_val, seed * 1000 + 6, [1.0 - x for x in shared]) if private_only else []),
+              "clients": []}
+    for p in splits["public"]:
+        if p["domain"] in private_only:
+            p["answer"], p["answer_only"] = p["answer"].rsplit("\n", 1)[-1], True
+    for k, p in enumerate(mixes):
+        test, val, private = gen(n_test, base(k) + 2, p), gen(n_val, base(k) + 1, p), gen(n_private, base(k), p)
+        splits["clients"].append({"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": private, "val": val, "test": test})
+    return splits
+
+
+def with_solutions(examples: list[dict]) -> list[dict]:
+    """The examples a party can train on: those whose answer is a whole solution, not a final answer alone."""
+    return [e for e in examples if not e.get("answer_only")]
 
 
 # -----------------------------------------------------------------------------

@@ -39,6 +39,8 @@ BASE = dict(
     # data (spec §1, §6): generated testbed sizes
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
+    private_only="", private_only_share=0.3,  # the testbed's knowledge split (data.make_splits); "" = none
+    eval_subset=0, counts_from="", eval_split="test",  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
     parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
@@ -48,6 +50,12 @@ PRESETS = {
                 n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
                 max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160,
                 eval_batch=128, score_batch=128),
+    # the testbed of the comparison (README "The testbed"): scarce private data, a domain only the clients
+    # know, 1-3-step problems the SLMs learn in part, a budget of an eighth of the pool
+    "testbed": dict(parties="cpu", rounds=5, pool_size=128, budget=16, min_budget=4, local_steps=10, local_batch=32,
+                    lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
+                    max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
+                    warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
@@ -66,7 +74,8 @@ SCENARIOS = ("hetero", "homo", "one2one", "llm2slm")
 # method -> (allocation, loss); spec §2's table
 METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"), "random": ("random", "dard"),
            "lada-filter": ("filter", "sft"), "lada-loss": ("all", "dard"), "lada": ("filter", "dard"),
-           "fedavg": (None, None)}  # homo only: FedAvg of the SLMs and nothing else (`local` has no FedAvg)
+           "fedavg": (None, None),  # homo only: FedAvg of the SLMs and nothing else (`local` has no FedAvg)
+           "oracle": ("oracle", "sft")}  # the testbed's headroom check: every correct teacher path of the pool
 RUN_KEYS = ("out", "resume", "rounds")  # flags that do not change the finished rounds (--rounds extends a run)
 
 
@@ -88,6 +97,10 @@ def resolve_config(args) -> dict:
         raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg['dtype']!r}")
     if cfg["method"] == "fedavg" and cfg["scenario"] != "homo":
         raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
+    if cfg["counts_from"] and (cfg["method"] != "random" or not Path(cfg["counts_from"]).is_file()):
+        raise ValueError(f"--counts_from {cfg['counts_from']}: needs --method random and a results.json of a run")
+    if cfg["eval_split"] not in ("test", "val"):
+        raise ValueError(f"--eval_split must be test or val, got {cfg['eval_split']!r}")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
@@ -137,7 +150,7 @@ def make_data(cfg, num_clients):
     if cfg["data"] is None:
         return data.make_splits(num_clients, cfg["n_public"], cfg["n_private"], cfg["n_test"], cfg["n_val"],
                                 cfg["n_general"], cfg["dirichlet"], cfg["data_seed"], (cfg["min_steps"], cfg["max_steps"]),
-                                cfg["max_value"])
+                                cfg["max_value"], [d for d in cfg["private_only"].split(",") if d], cfg["private_only_share"])
     rows = list({r["question"].strip(): r for r in data.load_dataset(cfg["data"])}.values())  # one row per question
     random.Random(cfg["data_seed"]).shuffle(rows)  # then disjoint slices: no question in two splits
     n_hold = (num_clients + 1) * (cfg["n_test"] + cfg["n_val"])
@@ -178,10 +191,12 @@ class Party:
         self.public = public  # D_pub is held by the server and visible to all [host]
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
         self.filters, self.state = {}, {}
+        self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
 
 
 def build_parties(cfg, splits) -> dict:
     """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
+    from data import with_solutions
     from distill import warm_up
     from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
@@ -197,7 +212,7 @@ def build_parties(cfg, splits) -> dict:
         loaded = {}
         for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
             if name == "llm":
-                warm_data, steps = splits["public"] + splits["general"], cfg["warm_llm"]
+                warm_data, steps = with_solutions(splits["public"]) + splits["general"], cfg["warm_llm"]
             else:
                 warm_data, steps = splits["clients"][i - 1]["private"], cfg["warm_slm"]
             seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
@@ -216,10 +231,28 @@ def build_parties(cfg, splits) -> dict:
     parties = {}
     for k, (name, (model, tok, info)) in enumerate(loaded.items()):
         info.setdefault("params", n_params(model))
-        local = splits["public"] if name == "llm" else splits["clients"][k - 1]["private"]
+        local = with_solutions(splits["public"]) if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
         parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
     return parties
+
+
+def set_counts(cfg, server, clients, frozen_llm):
+    """--counts_from RUN/results.json: `random` allocates, per student and round, as many samples as
+    that run's filter picked."""
+    path = Path(cfg["counts_from"])
+    try:
+        rounds = json.loads(path.read_text())["rounds"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--counts_from {path}: not a results.json of a run ({type(e).__name__}: {e})") from None
+    sel = {r["round"]: r["selected"] for r in rounds}
+    for rnd in range(1, cfg["rounds"] + 1):
+        for c in clients:
+            for side, party, key in [("down", c, (rnd, "down"))] + ([] if frozen_llm else [("up", server, (rnd, f"up/{c.name}"))]):
+                n = sel.get(rnd, {}).get(f"{side}/{c.name}")
+                if not isinstance(n, int):
+                    raise ValueError(f"--counts_from {path}: no count of '{side}/{c.name}' in round {rnd}")
+                party.counts[key] = n
 
 
 def fedavg(models, names):
@@ -281,13 +314,18 @@ def chars(paths):
     return torch.tensor([len(y) for y in paths], dtype=torch.float32)
 
 
-def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, cfg, rng):
-    """Spec §2 step 5: the indices of the pool this student learns from."""
+def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, correct_teacher, cfg, rng, count=None):
+    """Spec §2 step 5: the indices of the pool this student learns from. `random` takes `count`
+    samples where given (the count another run's filter picked for this student and round, so the two
+    differ in which samples only: --counts_from), else `budget`; `oracle` takes every sample whose
+    teacher path is correct (the testbed's headroom check, not a method)."""
     n = feats.shape[0]
     if kind == "all":
         return list(range(n))
+    if kind == "oracle":
+        return [i for i in range(n) if correct_teacher[i] > 0]
     if kind == "random":
-        return sorted(rng.sample(range(n), min(cfg["budget"], n)))
+        return sorted(rng.sample(range(n), min(cfg["budget"] if count is None else count, n)))
     if kind == "fedmkt":  # learn where the teacher fits the gold solution better than the student
         return [i for i in range(n) if nll_teacher_gold[i] < nll_student_gold[i]]
     return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
@@ -330,7 +368,7 @@ def server_offer(server, cfg, rnd, rng) -> dict:
     score of it ("pool"; with fedmkt also the LLM's per-character NLL of each gold solution)."""
     qs = [p["question"] for p in rng.sample(server.public, min(cfg["pool_size"], len(server.public)))]
     y, lp, n = paths_and_scores(cfg, server, qs, cfg["seed"] * 10**6 + rnd)
-    server.state = dict(qs=qs, y=y, lp_y=lp, n_y=n, c_y=correctness(server, qs, y), clients={})
+    server.state = dict(round=rnd, qs=qs, y=y, lp_y=lp, n_y=n, c_y=correctness(server, qs, y), clients={})
     offer = {"questions": qs, "y_llm": y, "logp_llm_yllm": lp}
     if METHODS[cfg["method"]][0] == "fedmkt":
         server.state["nll_gold"] = offer["nll_gold_llm"] = gold_nll(cfg, server, qs)
@@ -345,7 +383,7 @@ def client_answer(client, offer, cfg, rnd, k) -> dict:
     qs = offer["questions"]
     y, lp_y, n_y = paths_and_scores(cfg, client, qs, cfg["seed"] * 10**6 + 1000 * (k + 1) + rnd)
     lp_yllm, n_yllm = score(cfg, client, qs, offer["y_llm"])
-    client.state = dict(y=y, lp_y=lp_y, n_y=n_y, lp_yllm=lp_yllm, n_yllm=n_yllm)
+    client.state = dict(round=rnd, y=y, lp_y=lp_y, n_y=n_y, lp_yllm=lp_yllm, n_yllm=n_yllm)
     reply = {"y_slm": y, "logp_slm_yslm": lp_y, "logp_slm_yllm": lp_yllm}
     if METHODS[cfg["method"]][0] == "fedmkt":
         client.state["nll_gold"] = reply["nll_gold_slm"] = gold_nll(cfg, client, qs)
@@ -375,7 +413,8 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
                             len_llm, len_k, c_llm, c_k)
     filt = client.filters.get("down")
     emb = embeddings(cfg, client, qs) if filt is not None else None
-    A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), cfg, rng)  # 5
+    A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng,
+                 client.counts.get((st.get("round"), "down")))  # 5
     q = teacher_targets(offer["logp_llm_yllm"], llm_score["logp_llm_yslm"], len_llm, len_k, c_llm, c_k, cfg["tau"])
     samples = [dict(question=qs[i], y_pos=y_llm[i], y_neg=st["y"][i], q=float(q[i]), correct_pos=bool(c_llm[i]))
                for i in A]
@@ -396,7 +435,7 @@ def server_pick(server, name, cfg, rng) -> list[int]:
     ck["feats"] = sample_features(ck["lp_yk"], reply["logp_slm_yslm"], st["lp_y"], reply["logp_slm_yllm"],
                                   chars(reply["y_slm"]), chars(st["y"]), ck["c_yk"], st["c_y"])
     ck["B"] = allocate(alloc, server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"), reply.get("nll_gold_slm"),
-                       st.get("nll_gold"), cfg, rng)
+                       st.get("nll_gold"), ck["c_yk"], cfg, rng, server.counts.get((st.get("round"), f"up/{name}")))
     return ck["B"]
 
 
@@ -541,6 +580,8 @@ def run(cfg):
             c.filters["down"] = mk(cfg["seed"] * 100 + 2 * k)
             if not frozen_llm:
                 server.filters[f"up/{c.name}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
+    if cfg["counts_from"]:  # random at the counts another run's filter picked (same student, round)
+        set_counts(cfg, server, clients, frozen_llm)
     # the checkpoint's view of every party's state
     models = {n: p.model for n, p in parties.items()}
     toks = {n: p.tok for n, p in parties.items()}
@@ -548,14 +589,27 @@ def run(cfg):
     filters = {**{f"down/{c.name}": c.filters["down"] for c in clients if "down" in c.filters},
                **server.filters}
 
-    def evaluate_all():
-        accs, strict = {}, {}
+    if cfg["eval_split"] == "test":
+        tests = {n: (p, p.test) for n, p in parties.items()}
+    else:  # the validation sets: what the testbed is tuned on, so that tuning reads no test set
+        tests = {"llm": (server, splits["public_val"])}
+        tests.update({c.name: (c, splits["clients"][k]["val"]) for k, c in enumerate(clients)})
+    if splits.get(f"public_{cfg['eval_split']}_private"):  # the LLM on the domains only the clients hold (testbed)
+        tests["llm-private"] = (server, splits[f"public_{cfg['eval_split']}_private"])
+
+    def evaluate_all(full=True):
+        """Greedy accuracy of every party on its test set (the first eval_subset problems unless
+        `full`); with `full`, also each problem's 0/1 (a string), for paired comparisons."""
+        accs, strict, correct = {}, {}, {}
+        m = cfg["eval_subset"] if cfg["eval_subset"] > 0 and not full else None
         with amp:
-            for n, p in parties.items():
-                r = ev.evaluate(p.model, p.tok, p.test, batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
+            for n, (p, test) in tests.items():
+                r = ev.evaluate(p.model, p.tok, test[:m], batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
                                 device=dev, stop_at_answer_line=cfg["stop_at_answer_line"])
                 accs[n], strict[n] = r["flexible"], r["strict"]
-        return accs, strict
+                if full:
+                    correct[n] = "".join("01"[ev.is_correct(c, ex["answer"])] for c, ex in zip(r["completions"], test))
+        return accs, strict, correct
 
     start = 0
     if cfg["resume"] and (out / "ckpt").exists():
@@ -563,9 +617,9 @@ def run(cfg):
         print(f"resuming after round {start}")
     else:
         with phase(setup_times, "evaluation", dev):
-            acc0, strict0 = evaluate_all()
+            acc0, strict0, correct0 = evaluate_all()
         results = {"config": cfg, "parties": {n: p.info for n, p in parties.items()}, "initial": acc0,
-                   "initial_strict": strict0, "seconds": setup_times, "rounds": []}
+                   "initial_strict": strict0, "initial_correct": correct0, "seconds": setup_times, "rounds": []}
     (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
     print("parties:", json.dumps(results["parties"]))
     print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
@@ -619,9 +673,11 @@ def run(cfg):
                     rewards.update({f"up/{n}": r for n, r in got["rewards"].items()})
 
         # --- evaluation, log, checkpoint
+        full = rnd == cfg["rounds"] or cfg["eval_subset"] <= 0
         with phase(times, "evaluation", dev):
-            acc, strict = evaluate_all()
-        entry = {"round": rnd, "accuracy": acc, "strict": strict, "selected": selected, "reward": rewards,
+            acc, strict, correct = evaluate_all(full)
+        entry = {"round": rnd, "accuracy": acc, "strict": strict, "eval_n": {n: len(t if full else t[:cfg["eval_subset"]])
+                 for n, (_, t) in tests.items()}, "correct": correct, "selected": selected, "reward": rewards,
                  "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
                  "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
         results["rounds"].append(entry)
@@ -663,6 +719,11 @@ HELP = {
     "parties": "model sizes: gpu | cpu | smoke", "seed": "random seed of the rounds (pools, sampling, filters)",
     "data_seed": "seed of the data splits, initializations and warm-ups (-1 = --seed)", "device": "auto | cpu | cuda",
     "dtype": "auto | fp32 | bf16 (autocast on CUDA; auto = bf16 on CUDA, fp32 on CPU)",
+    "private_only": "comma-separated domains whose solutions only the clients hold (testbed knowledge split)",
+    "private_only_share": "share of the private-only domains in each client's mix",
+    "eval_subset": "evaluate rounds before the last on the first N problems of each test set (0 = all)",
+    "counts_from": "results.json of a filter run: --method random allocates that run's counts per student and round",
+    "eval_split": "test | val: the sets every evaluation reads (val for tuning the testbed)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }
 

@@ -1,27 +1,91 @@
-"""compare.py: the tables are built from result files alone, with hand-computed means, stds and bold."""
+"""compare.py: tables, paired differences, intervals and verdicts from result files alone, against
+hand-computed values and the normal approximation of a paired mean."""
 import json
+import math
+
+import numpy as np
 
 import compare
 
 
-def _result(acc, mb=0.05, sec=10.0):
-    return {"config": {}, "initial": {k: 0.0 for k in acc},
-            "rounds": [{"round": 1, "accuracy": acc, "bytes": {"down": mb * 1e6, "up": 0}, "seconds": sec}]}
+def _bits(k, n):
+    """k ones then n - k zeros."""
+    return "1" * k + "0" * (n - k)
 
 
-def test_tables_mean_std_bold_and_gain(tmp_path):
-    d = tmp_path / "hetero"
-    d.mkdir()
-    runs = {("local", 0): {"llm": 0.70, "slm1": 0.10}, ("local", 1): {"llm": 0.72, "slm1": 0.20},
-            ("lada", 0): {"llm": 0.60, "slm1": 0.30}, ("lada", 1): {"llm": 0.62, "slm1": 0.40}}
-    for (m, s), acc in runs.items():
-        (d / f"{m}-s{s}.json").write_text(json.dumps(_result(acc)))
-    md = compare.tables(tmp_path)
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in md.splitlines()
-            if line.startswith("| local") or line.startswith("| lada")}
-    # local: llm mean 71.0, std 1.4 (sample std of 70, 72); slm1 15.0 ± 7.1
-    assert rows["local"][:3] == ["**71.0 ± 1.4**", "15.0 ± 7.1", "15.0 ± 7.1"]
-    assert rows["lada"][:3] == ["61.0 ± 1.4", "**35.0 ± 7.1**", "**35.0 ± 7.1**"]
-    assert rows["lada"][3:] == ["0.05", "10"]  # MB per round, seconds per round
-    assert "LaDa vs the best baseline (local) on the SLM mean: +20.0 points; LLM: -10.0 points." in md
-    assert "(2 seed(s)" in md
+def _result(final: dict, initial: dict = None, mb=0.05):
+    initial = initial or {p: "0" * len(b) for p, b in final.items()}
+    acc = lambda c: {p: b.count("1") / len(b) for p, b in c.items()}
+    return {"config": {}, "initial": acc(initial), "initial_correct": initial, "wall_seconds": 30.0,
+            "rounds": [{"round": 1, "accuracy": acc(final), "correct": final, "bytes": {"down": mb * 1e6}, "seconds": 10.0}]}
+
+
+def _write(d, name, res):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.json").write_text(json.dumps(res))
+
+
+def test_paired_difference_constant_and_against_normal_approximation():
+    n = 400
+    a = {s: _result({"slm1": _bits(100, n)}) for s in range(3)}
+    b = {s: _result({"slm1": _bits(0, n)}) for s in range(3)}
+    # every seed: +1 on the first 100 problems, 0 elsewhere: mean 0.25; the bootstrap over seeds adds nothing
+    # (they are equal), so the interval is the paired mean's: 0.25 +- 1.96 sqrt(0.25 * 0.75 / (3 n)) roughly
+    # for the within-seed resampling of 3 x 400 problems (3 means averaged)
+    d, lo, hi, ns = compare.paired(a, b, compare.SLM, n_boot=4000)
+    assert ns == 3 and math.isclose(d, 25.0)
+    half = 100 * 1.96 * math.sqrt(0.25 * 0.75 / (3 * n))
+    assert abs((hi - lo) / 2 - half) < 0.15 * half and abs((hi + lo) / 2 - 25.0) < 0.5
+    same = compare.paired(a, a, compare.SLM)
+    assert same[:3] == (0.0, 0.0, 0.0)
+
+
+def test_paired_resamples_seeds():
+    # seed 0 gains 40 points, seeds 1 and 2 gain nothing; no within-seed noise (all or none of a block)
+    a = {0: _result({"slm1": _bits(40, 100)}), 1: _result({"slm1": _bits(0, 100)}), 2: _result({"slm1": _bits(0, 100)})}
+    b = {s: _result({"slm1": _bits(0, 100)}) for s in range(3)}
+    d, lo, hi, _ = compare.paired(a, b, compare.SLM, n_boot=3000)
+    assert math.isclose(d, 40 / 3)
+    # seeds drawn with replacement: all-three-zero-gain samples happen ((2/3)^3 = 30%), so the interval reaches 0
+    assert lo <= 1e-9 and hi > 30
+
+
+def test_verdict_rule():
+    assert compare.verdict((5.0, 1.0, 9.0, 3)) == "supported"
+    assert compare.verdict((-5.0, -9.0, -1.0, 3)) == "contradicted"
+    assert compare.verdict((1.0, -1.0, 3.0, 3)) == "not decided"
+    assert compare.verdict((-5.0, -9.0, -1.0, 3), direction=-1) == "supported"
+    assert compare.verdict(None) == "not run"
+
+
+def test_tables_headroom_and_hypotheses(tmp_path):
+    n = 50
+    for s in range(3):
+        init = {"llm": _bits(40, n), "llm-private": _bits(5, n), "slm1": _bits(5, n), "slm2": _bits(5, n)}
+        _write(tmp_path / "headroom", f"local-s{s}", _result(
+            {"llm": _bits(40, n), "llm-private": _bits(5, n), "slm1": _bits(5, n), "slm2": _bits(5 + s, n)}, init))
+        _write(tmp_path / "headroom", f"oracle-s{s}", _result(
+            {"llm": _bits(41, n), "llm-private": _bits(15, n), "slm1": _bits(15, n), "slm2": _bits(20, n)}, init))
+        for m, k in {"local": 5, "fedmkt": 6, "random": 7, "lada-filter": 7, "lada-loss": 7, "lada": 12}.items():
+            _write(tmp_path / "hetero", f"{m}-s{s}", _result(
+                {"llm": _bits(40, n), "llm-private": _bits(5, n), "slm1": _bits(k, n), "slm2": _bits(k, n)}, init))
+    md, ok = compare.headroom(tmp_path)
+    # oracle - local, SLM mean: slm1 +10/50 = 20 points; slm2 (15 - s)/50 = 30, 28, 26 -> mean 28; parties: 24
+    assert ok and "+24.0 [" in md[-1] and "Headroom: **yes**" in md[-1]
+    text = compare.tables(tmp_path)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ")}
+    # lada: slm1 = 12/50 = 24% in every seed; SLM mean 24.0 +- 0.0; warm-up row: slm1 10%
+    assert rows["lada"][2] == "24.0 ± 0.0" and rows["lada"][4] == "24.0 ± 0.0"
+    assert rows["after warm-up"][2] == "10.0 ± 0.0"
+    h1 = next(line for line in text.splitlines() if line.startswith("| H1 hetero"))
+    # lada - random: +1 on 5 of 50 problems of each SLM in every seed: 10 points, interval above 0
+    assert "best baseline (random)" in h1 and "| +10.0 [+" in h1 and h1.endswith("| supported |")
+    h2 = [line for line in text.splitlines() if line.startswith("| H2 hetero")]
+    assert len(h2) == 2 and all("+0.0 [+0.0, +0.0]" in line and "not decided" in line for line in h2)
+    # with local far better than oracle the headroom fails
+    for s in range(3):
+        _write(tmp_path / "headroom", f"oracle-s{s}", _result({"llm": _bits(40, n), "llm-private": _bits(5, n),
+                                                               "slm1": _bits(6, n), "slm2": _bits(6, n)}))
+    assert compare.headroom(tmp_path)[1] is False
+    assert np.isclose(compare.correct(_result({"a": "0110"}), "a").sum(), 2)

@@ -118,3 +118,30 @@ def test_mathinstruct_json_and_jsonl(tmp_path):
     (tmp_path / "bad.json").write_text('[{"instruction": "x", "output": 3}]')
     with pytest.raises(data.DataError, match=r"bad.json:1: expected an object"):
         data.load_mathinstruct(tmp_path / "bad.json")
+
+
+def test_private_only_domain_is_answer_only_on_the_server():
+    kw = dict(num_clients=3, n_public=400, n_private=200, n_test=60, n_val=20, n_general=300, seed=1,
+              steps=(1, 3), max_value=30)
+    plain = data.make_splits(**kw)
+    split = data.make_splits(**kw, private_only=["time"], private_only_share=0.3)
+    # the server's public draws are the same; a question of the private-only domain keeps only its last line
+    assert [p["question"] for p in plain["public"]] == [p["question"] for p in split["public"]]
+    n_only = 0
+    for a, b in zip(plain["public"], split["public"]):
+        if a["domain"] == "time":
+            n_only += 1
+            assert b["answer"] == a["answer"].split("\n")[-1] and b["answer"].startswith("#### ") and b["answer_only"]
+        else:
+            assert b["answer"] == a["answer"] and "answer_only" not in b
+    assert 40 < n_only < 120  # about a fifth of 400
+    assert data.with_solutions(split["public"]) == [p for p in split["public"] if p["domain"] != "time"]
+    assert "time" not in {p["domain"] for p in split["general"]}
+    assert {p["domain"] for p in split["public_test_private"]} == {"time"} and len(split["public_test_private"]) == 60
+    for c in split["clients"]:
+        assert c["domain_mix"]["time"] >= 0.3 - 1e-9
+        assert sum(p["domain"] == "time" for p in c["private"]) > 0.15 * 200
+    # the server's splits and client 1's do not depend on how many clients follow
+    one = data.make_splits(**dict(kw, num_clients=1), private_only=["time"], private_only_share=0.3)
+    assert one["public"] == split["public"] and one["general"] == split["general"]
+    assert one["clients"][0]["private"] == split["clients"][0]["private"]

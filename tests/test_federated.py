@@ -303,3 +303,43 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
         code, err = cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path)
         assert code == 2 and len(err) == 1 and msg in err[0], (args, err)
         assert "Traceback" not in err[0]
+
+
+# -----------------------------------------------------------------------------
+# The testbed's pieces: knowledge split, per-problem results, the oracle, random at the filter's counts
+
+def test_testbed_run_reports_private_domain_and_per_problem_results(tmp_path, cache):
+    res = run(["--rounds", "2", "--method", "oracle", "--private_only", "time", "--eval_subset", "3", "--n_test", "7"],
+              tmp_path, cache)
+    first, last = res["rounds"]
+    assert set(res["initial_correct"]) == {"llm", "llm-private", "slm1", "slm2", "slm3"}
+    assert all(n == 3 for n in first["eval_n"].values()) and first["correct"] == {}  # a round before the last: subset
+    assert all(n == 7 for n in last["eval_n"].values())
+    for bits, acc in [(res["initial_correct"], res["initial"]), (last["correct"], last["accuracy"])]:
+        assert all(len(b) == 7 and set(b) <= {"0", "1"} and acc[p] == b.count("1") / 7 for p, b in bits.items())
+    splits = federated.make_data(res["config"], 3)
+    assert {p["domain"] for p in splits["public_test_private"]} == {"time"}
+    val = run(["--rounds", "1", "--method", "local", "--private_only", "time", "--eval_split", "val"],
+              tmp_path / "val", cache)  # tuning reads the validation sets only
+    assert val["rounds"][0]["eval_n"] == {"llm": 10, "llm-private": 10, "slm1": 10, "slm2": 10, "slm3": 10}
+    assert not {p["domain"] for p in splits["general"]} & {"time"}
+
+
+def test_oracle_takes_every_correct_teacher_path(parties):
+    cfg, _, _ = parties
+    feats = torch.zeros(5, 3)
+    got = federated.allocate("oracle", None, feats, None, None, None, torch.tensor([1.0, 0, 1, 1, 0]), cfg, random.Random(0))
+    assert got == [0, 2, 3]
+    got = federated.allocate("random", None, feats, None, None, None, None, cfg, random.Random(0), count=2)
+    assert len(got) == 2 and len(set(got)) == 2
+
+
+def test_random_matches_the_counts_of_a_filter_run(tmp_path, cache):
+    lada = run(["--rounds", "2", "--method", "lada"], tmp_path / "lada", cache)
+    rnd = run(["--rounds", "2", "--method", "random", "--counts_from", str(tmp_path / "lada" / "results.json")],
+              tmp_path / "random", cache)
+    assert [r["selected"] for r in rnd["rounds"]] == [r["selected"] for r in lada["rounds"]]
+    plain = run(["--rounds", "2", "--method", "random"], tmp_path / "plain", cache)
+    assert all(v == 6 for r in plain["rounds"] for v in r["selected"].values())  # without it: budget
+    assert federated.main(FAST + ["--out", str(tmp_path / "x"), "--cache", cache, "--method", "lada",
+                                  "--counts_from", str(tmp_path / "lada" / "results.json")]) == 2
