@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lora import LORA_FLAGS, LORA_HELP
+
 # -----------------------------------------------------------------------------
 # Presets: plain dicts; flags override them. Sizes: see models.ZOO.
 
@@ -42,6 +44,7 @@ BASE = dict(
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
     parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
+BASE.update(LORA_FLAGS)  # --lora, --lora_alpha, --lora_dropout, --lora_targets, --lora_parties, --grad_ckpt (lora.py)
 PRESETS = {
     "default": dict(),
     "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
@@ -90,6 +93,9 @@ def resolve_config(args) -> dict:
         raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
+    if cfg["lora"]:  # one line now, not a traceback once the models are loaded
+        from lora import require_peft
+        require_peft()
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
     return cfg
 
@@ -183,6 +189,8 @@ class Party:
 def build_parties(cfg, splits) -> dict:
     """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
     from distill import warm_up
+    from lora import base_dtype, check_parties, prepare
+    from memory import check, meta_model
     from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
     dev = cfg["device"]
@@ -191,7 +199,9 @@ def build_parties(cfg, splits) -> dict:
             raise ValueError("--llm and --slms go together")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
-        loaded = {n: load_model(d, device=dev) + (dict(path=d),) for n, d in zip(names, dirs)}
+        check_parties(cfg, names)
+        check(cfg, {n: meta_model(d) for n, d in zip(names, dirs)})  # the memory plan, before any weight is read
+        loaded = {n: load_model(d, device=dev, dtype=base_dtype(cfg, n)) + (dict(path=d),) for n, d in zip(names, dirs)}
     else:
         corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
         loaded = {}
@@ -213,9 +223,16 @@ def build_parties(cfg, splits) -> dict:
                 save_model(model, tok, path, info=info)
                 got = (model, tok, dict(info, cached=False))
             loaded[name] = got
+        check_parties(cfg, list(loaded))
+        check(cfg, {n: got[0] for n, got in loaded.items()})  # the memory plan of the rounds
     parties = {}
     for k, (name, (model, tok, info)) in enumerate(loaded.items()):
         info.setdefault("params", n_params(model))
+        if base_dtype(cfg, name) is not None and not cfg["llm"]:
+            model.to(base_dtype(cfg, name))  # a LoRA party's frozen base: bf16 (the cache holds fp32)
+        model = prepare(model, cfg, name)  # LoRA adapters and gradient checkpointing, where asked for
+        if cfg["lora"]:
+            info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         local = splits["public"] if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
         parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
@@ -224,11 +241,15 @@ def build_parties(cfg, splits) -> dict:
 
 def fedavg(models, names):
     """Average the SLMs' weights in place (FedMKT's homogeneous setting)."""
+    from lora import is_lora
+
+    first = models[names[0]]  # LoRA parties average their adapters; their frozen bases stay as loaded
+    keys = [k for k, p in first.named_parameters() if p.requires_grad] if is_lora(first) else list(first.state_dict())
     with torch.no_grad():
-        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0)
-               for k in models[names[0]].state_dict()}
+        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0) for k in keys}
         for n in names:
-            models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()})
+            models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()},
+                                      strict=not is_lora(first))
 
 
 # -----------------------------------------------------------------------------
@@ -445,6 +466,7 @@ def save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results):
 
 def load_checkpoint(out, cfg, models, opts, filters):
     """Restore the last finished round; refuse a checkpoint made with a different config."""
+    from lora import is_lora, load_adapters
     from models import load_model
 
     ck = out / "ckpt"
@@ -455,6 +477,9 @@ def load_checkpoint(out, cfg, models, opts, filters):
         raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
                          "use another --out or the same flags")
     for n in models:
+        if is_lora(models[n]):  # the adapters (safetensors); the frozen base is as loaded
+            load_adapters(models[n], ck / n)
+            continue
         m, _ = load_model(ck / n, device=cfg["device"])
         models[n].load_state_dict(m.state_dict())
     state = torch.load(ck / "state.pt", weights_only=False)
@@ -665,6 +690,7 @@ HELP = {
     "dtype": "auto | fp32 | bf16 (autocast on CUDA; auto = bf16 on CUDA, fp32 on CPU)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }
+HELP.update(LORA_HELP)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -691,6 +717,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished round")
     # every preset value (None = keep the preset's)
     for k, v in BASE.items():
+        if isinstance(v, bool):  # a switch (--grad_ckpt)
+            p.add_argument(f"--{k}", action="store_true", default=None, help=HELP.get(k, k))
+            continue
         p.add_argument(f"--{k}", type=type(v), default=None, help=HELP.get(k, k) + f" (default {v!r} or the preset's)")
     args = p.parse_args(argv)
     return args
