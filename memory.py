@@ -104,7 +104,7 @@ def shape(model) -> dict:
 # v, its output and a log-sum-exp per head; o_proj its input; the gated MLP gate, silu(gate), up
 # and the product (down_proj's input). RoPE keeps only cos/sin (shared). A frozen weight's linear
 # keeps no input, a LoRA one keeps its A output (r) and, with dropout, the dropped input and mask.
-# GPT-2: LayerNorm keeps x and 2 statistics; c_attn's fused qkv (3d), a q copy, sdpa's output and
+# GPT-2: LayerNorm keeps x and 2 statistics; c_attn's fused qkv (3d; sdpa may copy q too), sdpa's output and
 # log-sum-exp, c_proj's input; gelu_new keeps 3 ff-sized intermediates beside c_fc's output and
 # c_proj's input.
 
@@ -130,7 +130,7 @@ def activation_bytes(sh, n_tok, lora_cfg=None, cuda_bf16=False, grad_ckpt=False,
     if sh["kind"] == "gpt2":
         norm = lambda: d * 4 + 2 * 4  # LayerNorm: x and (mean, rstd)
         layer = (2 * norm() + (d * a if trains("c_attn") else 0) + (d * a if trains("c_fc") else 0)
-                 + (3 * d + d + d) * a + H * 4 + (d * a if trains("c_proj") else 0)
+                 + (3 * d + d) * a + H * 4 + (d * a if trains("c_proj") else 0)
                  + 4 * ff * a + (ff * a if trains("c_proj") else 0))
     else:
         qkv = [x for x in ("q_proj", "k_proj", "v_proj") if trains(x)]
@@ -140,7 +140,7 @@ def activation_bytes(sh, n_tok, lora_cfg=None, cuda_bf16=False, grad_ckpt=False,
         layer = (norm(qkv) + norm(gu) + (sh["dq"] + 2 * dkv + d) * a + H * 4 + (d * a if trains("o_proj") else 0)
                  + 3 * ff * a + (ff * a if trains("down_proj") else 0))
     layer += lora_x
-    final = d * 4 + 4 + (d * 4 if full else 0)
+    final = d * 4 + 8 if sh["kind"] == "gpt2" else d * 4 + 4 + (d * 4 if full else 0)  # the final norm
     embed = 8 if full else 0  # the ids, kept by a trainable embedding
     if grad_ckpt:  # each layer's input, and one layer's activations while it is recomputed
         layers = L * d * (4 if not cuda_bf16 or full else a) + layer
@@ -249,3 +249,36 @@ def check(cfg, models: dict, out=print) -> dict:
     if p["total"] > HEADROOM * free:
         raise PlanError(f"the memory plan needs {p['total'] / GB:.1f} GB but {where}; {advice(p, cfg)}")
     return p
+
+
+def main(argv=None) -> int:
+    """python memory.py --llm DIR --slms DIR,DIR [federated.py flags]: the plan of a run with these
+    checkpoints, from their config.json alone (no weights read; --device cuda works without a GPU)."""
+    import sys
+
+    import federated
+
+    args = federated.parse_args(argv)
+    args.preset = args.preset or ("smoke" if args.smoke else "default")
+    try:
+        cfg = federated.resolve_config(args)
+        if not (cfg["llm"] and cfg["slms"]):
+            raise ValueError("give --llm DIR and --slms DIR,DIR (checkpoint directories; config.json is enough)")
+        dirs = [cfg["llm"]] + cfg["slms"].split(",")
+        names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
+        from lora import check_parties
+        check_parties(cfg, names)
+        models = {n: meta_model(d) for n, d in zip(names, dirs)}
+        if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+            print(format_plan(plan(cfg, models)))
+            print(f"(no CUDA device here: the plan is not compared with {cfg['device']}'s memory)")
+        else:
+            check(cfg, models)
+    except (ModelError, ValueError) as e:
+        print(f"memory.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
