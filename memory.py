@@ -20,7 +20,8 @@ only one party computes at a time, so only the largest transient counts). Figure
                (CPU: one chunk of fp32 logits; CUDA: the fused kernel's O(tokens) state). With
                --grad_ckpt: each layer's input, plus one layer recomputed. The bf16-autocast figures
                of CUDA follow the same count at 2 bytes per element (norm statistics fp32, one bf16
-               copy of a linear's input per fp32-weight linear that reads it): computed, not measured.
+               copy of a linear's input per fp32-weight linear that reads it, LoRA's A included, as
+               peft casts its input to the adapter's fp32): computed, not measured.
   generation   the KV cache of eval_batch rows × --max_len positions, plus a step's logits (fp32)
 
 `plan(cfg, models)` takes models on any device, the meta device included (`meta_model` builds one
@@ -121,7 +122,9 @@ def activation_bytes(sh, n_tok, lora_cfg=None, cuda_bf16=False, grad_ckpt=False,
         if ".layers.0." in name or ".h.0." in name:
             per_layer[name.rsplit(".", 1)[-1]] = full or _adapted(name, tgt)
     trains = lambda lin: full or per_layer.get(lin, False)
-    casts = cuda_bf16 and (full or not lora_cfg)  # fp32 weights under autocast: one bf16 copy of the input per linear
+    # under autocast a linear with fp32 weights (all of them in full fine-tuning; LoRA's A, whose
+    # input peft first casts to fp32) keeps its own bf16 copy of its input
+    casts = cuda_bf16
     lora_x = 0.0
     if not full:  # A outputs (r) and, with dropout, the dropped input (a bytes) and its mask (1 byte) per adapted linear
         r, p = lora_cfg["lora"], lora_cfg["lora_dropout"]
