@@ -6,6 +6,7 @@
     python federated.py --scenario hetero --preset default   # the GPU sizes, wherever it runs
     python federated.py --scenario homo --method fedmkt      # a baseline (local, fedmkt, random, ...)
     python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH   # local checkpoints, real data
+    python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH --lora 16 --grad_ckpt --max_len 512  # 7B on one GPU
     python federated.py --scenario hetero --smoke --resume   # continue an interrupted run (same flags)
 
 One loop serves every scenario and method (the two tables of spec §2): a method is a choice of
