@@ -279,3 +279,23 @@ def test_bad_checkpoints_are_one_line(tmp_path, ckpts, capsys):
         code = federated.main(FAST + args + ["--data", data, "--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and msg in err[0], (args, err)
+
+
+def test_fedavg_of_lora_parties_averages_adapters_only(ckpts):
+    _, llm, _, _ = ckpts
+    ms = {}
+    for k, name in enumerate(("slm1", "slm2")):
+        model, _ = models.load_model(llm)
+        ms[name] = lora.prepare(model, lora_cfg(), name)
+        with torch.no_grad():  # distinct adapters and distinct (frozen) bases
+            for n, p in ms[name].named_parameters():
+                p.add_(torch.full_like(p, 0.1 * (k + 1)) if "lora_" in n else torch.full_like(p, k))
+    before = {name: {n: p.clone() for n, p in m.named_parameters()} for name, m in ms.items()}
+    federated.fedavg(ms, ["slm1", "slm2"])
+    for n, p in ms["slm1"].named_parameters():
+        for name in ("slm1", "slm2"):
+            q = dict(ms[name].named_parameters())[n]
+            if "lora_" in n:
+                torch.testing.assert_close(q, (before["slm1"][n] + before["slm2"][n]) / 2)
+            else:
+                assert torch.equal(q, before[name][n])
