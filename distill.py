@@ -206,9 +206,11 @@ def autocast(device, dtype: str):
 
 
 def make_optimizer(model, lr, betas=(0.9, 0.999)):
-    """AdamW without weight decay; the fused CUDA implementation when the weights are on a GPU."""
+    """AdamW without weight decay over the trainable parameters (all of them, or a LoRA party's
+    adapters); the fused CUDA implementation when the weights are on a GPU."""
     fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=betas, fused=fused or None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=betas, fused=fused or None)
 
 
 def optimizer_step(model, opt, loss):

@@ -6,6 +6,7 @@
     python federated.py --scenario hetero --preset default   # the GPU sizes, wherever it runs
     python federated.py --scenario homo --method fedmkt      # a baseline (local, fedmkt, random, ...)
     python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH   # local checkpoints, real data
+    python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH --lora 16 --grad_ckpt --max_len 512  # 7B on one GPU
     python federated.py --scenario hetero --smoke --resume   # continue an interrupted run (same flags)
 
 One loop serves every scenario and method (the two tables of spec §2): a method is a choice of
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from lora import LORA_FLAGS, LORA_HELP
+
 # -----------------------------------------------------------------------------
 # Presets: plain dicts; flags override them. Sizes: see models.ZOO.
 
@@ -44,6 +47,7 @@ BASE = dict(
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
     parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
+BASE.update(LORA_FLAGS)  # --lora, --lora_alpha, --lora_dropout, --lora_targets, --lora_parties, --grad_ckpt (lora.py)
 PRESETS = {
     "default": dict(),
     "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
@@ -103,6 +107,9 @@ def resolve_config(args) -> dict:
         raise ValueError(f"--eval_split must be test or val, got {cfg['eval_split']!r}")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
+    if cfg["lora"]:  # one line now, not a traceback once the models are loaded
+        from lora import require_peft
+        require_peft()
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
     return cfg
 
@@ -198,6 +205,8 @@ def build_parties(cfg, splits) -> dict:
     """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
     from data import with_solutions
     from distill import warm_up
+    from lora import base_dtype, check_parties, prepare
+    from memory import check, meta_model
     from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
     dev = cfg["device"]
@@ -206,7 +215,9 @@ def build_parties(cfg, splits) -> dict:
             raise ValueError("--llm and --slms go together")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
-        loaded = {n: load_model(d, device=dev) + (dict(path=d),) for n, d in zip(names, dirs)}
+        check_parties(cfg, names)
+        check(cfg, {n: meta_model(d) for n, d in zip(names, dirs)})  # the memory plan, before any weight is read
+        loaded = {n: load_model(d, device=dev, dtype=base_dtype(cfg, n)) + (dict(path=d),) for n, d in zip(names, dirs)}
     else:
         corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
         loaded = {}
@@ -228,9 +239,16 @@ def build_parties(cfg, splits) -> dict:
                 save_model(model, tok, path, info=info)
                 got = (model, tok, dict(info, cached=False))
             loaded[name] = got
+        check_parties(cfg, list(loaded))
+        check(cfg, {n: got[0] for n, got in loaded.items()}, strict=False)  # the memory plan of the rounds
     parties = {}
     for k, (name, (model, tok, info)) in enumerate(loaded.items()):
         info.setdefault("params", n_params(model))
+        if base_dtype(cfg, name) is not None and not cfg["llm"]:
+            model.to(base_dtype(cfg, name))  # a LoRA party's frozen base: bf16 (the cache holds fp32)
+        model = prepare(model, cfg, name)  # LoRA adapters and gradient checkpointing, where asked for
+        if cfg["lora"]:
+            info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         local = with_solutions(splits["public"]) if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
         parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
@@ -257,11 +275,15 @@ def set_counts(cfg, server, clients, frozen_llm):
 
 def fedavg(models, names):
     """Average the SLMs' weights in place (FedMKT's homogeneous setting)."""
+    from lora import is_lora
+
+    first = models[names[0]]  # LoRA parties average their adapters; their frozen bases stay as loaded
+    keys = [k for k, p in first.named_parameters() if p.requires_grad] if is_lora(first) else list(first.state_dict())
     with torch.no_grad():
-        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0)
-               for k in models[names[0]].state_dict()}
+        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0) for k in keys}
         for n in names:
-            models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()})
+            models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()},
+                                      strict=not is_lora(first))
 
 
 # -----------------------------------------------------------------------------
@@ -484,6 +506,7 @@ def save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results):
 
 def load_checkpoint(out, cfg, models, opts, filters):
     """Restore the last finished round; refuse a checkpoint made with a different config."""
+    from lora import is_lora, load_adapters
     from models import load_model
 
     ck = out / "ckpt"
@@ -494,6 +517,9 @@ def load_checkpoint(out, cfg, models, opts, filters):
         raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
                          "use another --out or the same flags")
     for n in models:
+        if is_lora(models[n]):  # the adapters (safetensors); the frozen base is as loaded
+            load_adapters(models[n], ck / n)
+            continue
         m, _ = load_model(ck / n, device=cfg["device"])
         models[n].load_state_dict(m.state_dict())
     state = torch.load(ck / "state.pt", weights_only=False)
@@ -726,6 +752,7 @@ HELP = {
     "eval_split": "test | val: the sets every evaluation reads (val for tuning the testbed)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }
+HELP.update(LORA_HELP)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -752,6 +779,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished round")
     # every preset value (None = keep the preset's)
     for k, v in BASE.items():
+        if isinstance(v, bool):  # a switch (--grad_ckpt)
+            p.add_argument(f"--{k}", action="store_true", default=None, help=HELP.get(k, k))
+            continue
         p.add_argument(f"--{k}", type=type(v), default=None, help=HELP.get(k, k) + f" (default {v!r} or the preset's)")
     args = p.parse_args(argv)
     return args

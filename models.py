@@ -160,18 +160,46 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' class names of decoder-only causal LMs
+
+
+def check_causal_lm(config, path):
+    """ModelError unless `config` describes a decoder-only causal LM: its `architectures`, when
+    given, name a *ForCausalLM / *LMHeadModel class, and it is not an encoder-decoder."""
+    arch = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (arch and not any(a.endswith(CAUSAL_SUFFIXES) for a in arch)):
+        raise ModelError(f"{path}: not a causal language model (config.json: architectures "
+                         f"{', '.join(arch) or '?'}, model_type {getattr(config, 'model_type', '?')})")
+
+
+def check_tokenizer(tokenizer, model, path):
+    """ModelError unless the tokenizer has what the loop needs: an EOS token (every path ends with
+    it, spec §1; it also pads when there is no pad token) and ids the model's embedding covers."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{path}: the tokenizer has no EOS token (paths end with EOS, spec §1); "
+                         "set eos_token in its tokenizer_config.json")
+    V = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > V:
+        raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {V}")
+
+
 def load_model(path, device="cpu", dtype=None):
-    """(model, tokenizer) from a local Hugging Face checkpoint directory; ModelError if it is not one."""
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer) from a local Hugging Face checkpoint directory; ModelError if it is not a
+    causal LM with a usable tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
     try:
+        check_causal_lm(AutoConfig.from_pretrained(str(path)), path)
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}: cannot load model ({str(e).splitlines()[0]})") from None
+    except ModelError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: cannot load model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    check_tokenizer(tokenizer, model, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -188,10 +216,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def hidden_and_head(model, input_ids, attention_mask=None):
-    """Final hidden states after the final norm (B, T, d) and the output head weight (V, d).
-    Right-padded batches need no attention_mask (a causal model's real positions never see the pads)."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.last_hidden_state, model.get_output_embeddings().weight
+    """Final hidden states after the final norm (B, T, d) and the output head weight (V, d) (frozen,
+    requires_grad False, for a LoRA party: the kernels then compute no weight gradient). Right-padded batches need no attention_mask (a causal model's real positions never see the pads)."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model  # a LoRA party's PeftModel
+    out = inner.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state, inner.get_output_embeddings().weight
 
 
 # -----------------------------------------------------------------------------
