@@ -180,8 +180,9 @@ class Party:
         self.filters, self.state = {}, {}
 
 
-def build_parties(cfg, splits) -> dict:
-    """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
+def build_parties(cfg, splits, only=None) -> dict:
+    """{name: Party} for the LLM and the SLMs (or the names in `only`): warmed up on their own data
+    (cached), or loaded."""
     from distill import warm_up
     from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
@@ -191,11 +192,13 @@ def build_parties(cfg, splits) -> dict:
             raise ValueError("--llm and --slms go together")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
-        loaded = {n: load_model(d, device=dev) + (dict(path=d),) for n, d in zip(names, dirs)}
+        loaded = {n: load_model(d, device=dev) + (dict(path=d),) for n, d in zip(names, dirs) if not only or n in only}
     else:
         corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
         loaded = {}
         for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
+            if only and name not in only:
+                continue
             if name == "llm":
                 warm_data, steps = splits["public"] + splits["general"], cfg["warm_llm"]
             else:
@@ -214,7 +217,8 @@ def build_parties(cfg, splits) -> dict:
                 got = (model, tok, dict(info, cached=False))
             loaded[name] = got
     parties = {}
-    for k, (name, (model, tok, info)) in enumerate(loaded.items()):
+    for name, (model, tok, info) in loaded.items():
+        k = 0 if name == "llm" else int(name[3:])  # slm<k>
         info.setdefault("params", n_params(model))
         local = splits["public"] if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
@@ -222,11 +226,16 @@ def build_parties(cfg, splits) -> dict:
     return parties
 
 
+def average(state_dicts):
+    """The entrywise mean of the SLMs' weights (float32)."""
+    with torch.no_grad():
+        return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0) for k in state_dicts[0]}
+
+
 def fedavg(models, names):
     """Average the SLMs' weights in place (FedMKT's homogeneous setting)."""
     with torch.no_grad():
-        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0)
-               for k in models[names[0]].state_dict()}
+        avg = average([models[n].state_dict() for n in names])
         for n in names:
             models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()})
 
@@ -508,10 +517,29 @@ def phase(times: dict, name: str, dev: str):
         times[name] = round(times.get(name, 0.0) + time.time() - t0, 2)
 
 
-def run(cfg):
-    import eval as ev
-    from distill import autocast
+def new_filter(cfg, k, direction):
+    """The LaDa filter of client k (0-based) for `direction`: "down" (F_k^down, lives with client k)
+    or "up" (F_k^up, lives with the server); its seed is fixed by (seed, k, direction)."""
     from filter import FEATURE_DIM, LearnabilityFilter
+
+    return LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
+                              epochs=cfg["filter_epochs"], seed=cfg["seed"] * 100 + 2 * k + (direction == "up"),
+                              reward_scale="q90", optimism=cfg["filter_optimism"])
+
+
+def evaluate(cfg, party):
+    """(flexible, strict) accuracy of the party's model on its own test set."""
+    import eval as ev
+
+    r = ev.evaluate(party.model, party.tok, party.test, batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
+                    device=cfg["device"], stop_at_answer_line=cfg["stop_at_answer_line"])
+    return r["flexible"], r["strict"]
+
+
+def open_run(cfg):
+    """The output directory (a finished round there needs --resume), the config printed first, the
+    seed and the device settings. Returns (out, amp): amp is the autocast context of cfg's dtype."""
+    from distill import autocast
 
     out = Path(cfg["out"])
     if (out / "ckpt").exists() and not cfg["resume"]:
@@ -519,12 +547,50 @@ def run(cfg):
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(cfg), flush=True)
     torch.manual_seed(cfg["seed"])
-    dev = cfg["device"]
-    if dev.startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
+    if cfg["device"].startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return out, autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA for warm-up, local steps, distillation, scoring, generation
+
+
+def new_results(cfg, infos, acc0, strict0, setup_times):
+    return {"config": cfg, "parties": infos, "initial": acc0, "initial_strict": strict0, "seconds": setup_times,
+            "rounds": []}
+
+
+def show_start(out, results):
+    """log.jsonl as far as the run got, and what the parties are."""
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
+    print("parties:", json.dumps(results["parties"]))
+    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
+
+
+def end_round(out, cfg, results, entry, save, start, t_rounds):
+    """A round's bookkeeping after its evaluation: the checkpoint (save()), log.jsonl, the report and
+    the progress line."""
+    rnd = entry["round"]
+    results["rounds"].append(entry)
+    with phase(entry["phases"], "checkpoint", cfg["device"]):
+        save()
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    write_report(out, results)
+    eta = (time.time() - t_rounds) / (rnd - start) * (cfg["rounds"] - rnd)
+    print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
+          {n: round(a, 3) for n, a in entry["accuracy"].items()}, "selected", entry["selected"],
+          "MB", {d: round(b / 1e6, 3) for d, b in entry["bytes"].items()}, flush=True)
+
+
+def round_entry(rnd, acc, strict, selected, rewards, losses, traffic, errors, t0, times):
+    return {"round": rnd, "accuracy": acc, "strict": strict, "selected": selected, "reward": rewards,
+            "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
+            "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
+
+
+def run(cfg):
+    out, amp = open_run(cfg)
+    dev = cfg["device"]
     alloc, _ = METHODS[cfg["method"]]
     frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
-    amp = autocast(dev, cfg["dtype"])  # bf16 on CUDA for warm-up, local steps, distillation, scoring, generation
     setup_times = {}
 
     # --- data and parties (spec §1, §6)
@@ -534,13 +600,10 @@ def run(cfg):
         parties = build_parties(cfg, splits)
     server, clients = parties["llm"], [p for n, p in parties.items() if n != "llm"]
     if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
-        mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
-                                          epochs=cfg["filter_epochs"], seed=s, reward_scale="q90",
-                                          optimism=cfg["filter_optimism"])
         for k, c in enumerate(clients):
-            c.filters["down"] = mk(cfg["seed"] * 100 + 2 * k)
+            c.filters["down"] = new_filter(cfg, k, "down")
             if not frozen_llm:
-                server.filters[f"up/{c.name}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
+                server.filters[f"up/{c.name}"] = new_filter(cfg, k, "up")
     # the checkpoint's view of every party's state
     models = {n: p.model for n, p in parties.items()}
     toks = {n: p.tok for n, p in parties.items()}
@@ -552,9 +615,7 @@ def run(cfg):
         accs, strict = {}, {}
         with amp:
             for n, p in parties.items():
-                r = ev.evaluate(p.model, p.tok, p.test, batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
-                                device=dev, stop_at_answer_line=cfg["stop_at_answer_line"])
-                accs[n], strict[n] = r["flexible"], r["strict"]
+                accs[n], strict[n] = evaluate(cfg, p)
         return accs, strict
 
     start = 0
@@ -564,11 +625,8 @@ def run(cfg):
     else:
         with phase(setup_times, "evaluation", dev):
             acc0, strict0 = evaluate_all()
-        results = {"config": cfg, "parties": {n: p.info for n, p in parties.items()}, "initial": acc0,
-                   "initial_strict": strict0, "seconds": setup_times, "rounds": []}
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
-    print("parties:", json.dumps(results["parties"]))
-    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
+        results = new_results(cfg, {n: p.info for n, p in parties.items()}, acc0, strict0, setup_times)
+    show_start(out, results)
 
     t_rounds = time.time()
     for rnd in range(start + 1, cfg["rounds"] + 1):
@@ -621,20 +679,9 @@ def run(cfg):
         # --- evaluation, log, checkpoint
         with phase(times, "evaluation", dev):
             acc, strict = evaluate_all()
-        entry = {"round": rnd, "accuracy": acc, "strict": strict, "selected": selected, "reward": rewards,
-                 "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
-                 "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
-        results["rounds"].append(entry)
-        with phase(times, "checkpoint", dev):
-            save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        write_report(out, results)
-        done = rnd - start
-        eta = (time.time() - t_rounds) / done * (cfg["rounds"] - rnd)
-        print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
-              {n: round(a, 3) for n, a in acc.items()}, "selected", selected,
-              "MB", {d: round(b / 1e6, 3) for d, b in traffic.items()}, flush=True)
+        entry = round_entry(rnd, acc, strict, selected, rewards, losses, traffic, errors, t0, times)
+        end_round(out, cfg, results, entry, lambda: save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results),
+                  start, t_rounds)
     print(write_report(out, results))
     return results
 
@@ -713,17 +760,23 @@ def choose_preset(args, has_gpu: bool):
     return args.preset, None
 
 
+def config_from_flags(argv):
+    """(cfg, notice) from the command line's flags (flower_app.py resolves its flags here too)."""
+    args = parse_args(argv)
+    args.preset, notice = choose_preset(args, torch.cuda.is_available())
+    preset = "smoke" if args.smoke else args.preset
+    cfg = resolve_config(args)
+    cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
+    cfg["resume"] = args.resume
+    return cfg, notice
+
+
 def main(argv=None):
     from data import DataError
     from models import ModelError
 
-    args = parse_args(argv)
-    args.preset, notice = choose_preset(args, torch.cuda.is_available())
-    preset = "smoke" if args.smoke else args.preset
     try:
-        cfg = resolve_config(args)
-        cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
-        cfg["resume"] = args.resume
+        cfg, notice = config_from_flags(argv)
         if notice:
             print(notice, file=sys.stderr, flush=True)
         run(cfg)
