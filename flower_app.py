@@ -20,6 +20,7 @@ Flower starts a fresh ClientApp process for every message, so a client keeps its
 ckpt/ (its last finished round, in federated.py's checkpoint layout), prev/ckpt (the round before,
 kept in case the server redoes a round after a restart) and work.pt (the round in progress).
 """
+import fcntl
 import json
 import os
 import random
@@ -219,7 +220,9 @@ def client_stage(stage, msg, context) -> Message:
             raise ValueError(f"node config party={name!r}: must be one of {', '.join(slm_names(cfg))}")
         cdir = Path(str(context.node_config.get("dir", "."))) / Path(cfg["out"]).name / name
         cdir.mkdir(parents=True, exist_ok=True)
-        out_meta, out = STAGES[stage](cfg, name, cdir, meta, got)
+        with open(cdir / ".lock", "w") as lock:  # one stage at a time (one of a stopped run may still be finishing)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out_meta, out = STAGES[stage](cfg, name, cdir, meta, got)
         for kind, m in out.items():  # the schema check of what leaves this machine
             F.send(m, kind, {}, "up")
         return Message(pack(out, **out_meta), reply_to=msg)
