@@ -1,10 +1,10 @@
 """flower_app.py: the round of spec §2 with every party on its own machine, over Flower (optional).
 
-    pip install -r requirements.txt -r requirements-flower.txt
-    flower-superlink --insecure --disable-runtime-dependency-installation              # server machine
-    flower-supernode --insecure --superlink SERVER:9092 --node-config "party='slm1'"   # at client 1's site
-    ...                                                                                 # one per SLM
-    flwr run . lada --run-config "flags='--scenario hetero --smoke'" --stream          # anywhere (README)
+    pip install -r requirements.txt -r requirements-flower.txt                     # every machine
+    flower-superlink --insecure --disable-runtime-dependency-installation            # the server
+    flower-supernode --insecure --superlink SERVER:8000 --node-config "party='slm1'" # client 1's site
+    ...                                                                              # one per SLM
+    flwr run . lada --stream --run-config "flags='--scenario hetero --smoke'"        # README: the connection
 
 The ServerApp holds the LLM, the public data and the up-filters F_k^up and drives the round (steps 2,
 4, 5', 6', 7'); each ClientApp holds one SLM (chosen by the node's `party`), its private data and its
@@ -124,13 +124,16 @@ def slm_names(cfg) -> list[str]:
     return [f"slm{k + 1}" for k in range(n)]
 
 
-def build(cfg, names):
-    """The parties in `names`, built exactly as federated.run builds them (same data, seeds, cache)."""
+def autocast_of(cfg):
     from distill import autocast
 
-    splits = F.make_data(cfg, len(slm_names(cfg)))
+    return autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA, as in federated.run
 
-    with autocast(cfg["device"], cfg["dtype"]):
+
+def build(cfg, names):
+    """The parties in `names`, built exactly as federated.run builds them (same data, seeds, cache)."""
+    splits = F.make_data(cfg, len(slm_names(cfg)))
+    with autocast_of(cfg):
         return F.build_parties(cfg, splits, only=names)
 
 
@@ -194,9 +197,7 @@ def load_work(cdir, party, rnd):
 
 def finish(cfg, party, cdir, rnd, report) -> dict:
     """The client's end of round: its evaluation and its checkpoint (the one before kept as prev/)."""
-    from distill import autocast
-
-    with autocast(cfg["device"], cfg["dtype"]):
+    with autocast_of(cfg):
         report["accuracy"], report["strict"] = F.evaluate(cfg, party)
     if (cdir / "ckpt").exists():
         shutil.rmtree(cdir / "prev", ignore_errors=True)
@@ -235,23 +236,19 @@ def stage_setup(cfg, name, cdir, meta, got):
     """Which party this node is; with `evaluate`, its warm-up (cached) and accuracy before round 1."""
     if not meta["evaluate"]:
         return dict(party=name), {}
-    from distill import autocast
-
     party = client_party(cfg, name)
-    with autocast(cfg["device"], cfg["dtype"]):
+    with autocast_of(cfg):
         acc, strict = F.evaluate(cfg, party)
     return dict(party=name, info=party.info, accuracy=acc, strict=strict), {}
 
 
 def start_round(cfg, name, cdir, rnd):
     """1. The local step, from the last finished round (federated.run: rng and torch seed per round)."""
-    from distill import autocast
-
     party = client_party(cfg, name)
     restore(cfg, party, cdir, rnd)
     rng = random.Random(f"{cfg['seed']}-{rnd}-{name}")  # the party's own randomness, as in federated.run
     torch.manual_seed(cfg["seed"] * 1000 + rnd)
-    with autocast(cfg["device"], cfg["dtype"]):
+    with autocast_of(cfg):
         loss = F.local_step(party, cfg, rng)
     return party, rng, {"losses": {f"local/{name}": loss}}
 
@@ -266,8 +263,6 @@ def stage_local(cfg, name, cdir, meta, got):
 def stage_answer(cfg, name, cdir, meta, got):
     """(FedAvg's weights in,) 3. the client's paths and scores for the pool; without a pool (method
     local or fedavg) the round ends here."""
-    from distill import autocast
-
     rnd = meta["round"]
     if "weights" in got:  # after stage_local
         party = client_party(cfg, name)
@@ -278,7 +273,7 @@ def stage_answer(cfg, name, cdir, meta, got):
         party, rng, report = start_round(cfg, name, cdir, rnd)
     if "pool" not in got:
         return dict(report=finish(cfg, party, cdir, rnd, report)), {}
-    with autocast(cfg["device"], cfg["dtype"]):
+    with autocast_of(cfg):
         reply = F.client_answer(party, got["pool"], cfg, rnd, int(name[3:]) - 1)
     save_work(cdir, party, rnd, rng, got["pool"], report)
     return dict(report=report), {"client_paths": reply}
@@ -286,12 +281,10 @@ def stage_answer(cfg, name, cdir, meta, got):
 
 def stage_learn(cfg, name, cdir, meta, got):
     """5, 6, 7: F_k^down picks, the SLM distills, re-scores and rewards; then evaluation and checkpoint."""
-    from distill import autocast
-
     rnd = meta["round"]
     party = client_party(cfg, name)
     rng, offer, report = load_work(cdir, party, rnd)
-    with autocast(cfg["device"], cfg["dtype"]):
+    with autocast_of(cfg):
         learned = F.client_learn(party, offer, got["llm_score"], cfg, rng)
     report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"])
     return dict(report=finish(cfg, party, cdir, rnd, report)), {}
@@ -359,35 +352,46 @@ def exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire, **meta) -
             wire["up"] = wire.get("up", 0) + record_bytes(r.content)
             out[n] = unpack(r.content)
             continue
-        print(f"round {rnd}: client {n} failed and is skipped ({errors[n]})", file=sys.stderr, flush=True)
+        print(f"{'setup' if stage == 'setup' else f'round {rnd}'}: {n} failed and is skipped ({errors[n]})",
+              file=sys.stderr, flush=True)
     return out
 
 
 def find_clients(grid, names, evaluate, timeout) -> tuple[dict, dict]:
-    """({party: node id}, {party: its setup reply}): waits for the SuperNodes to connect, then asks each
-    which party it holds (and, for a new run, its accuracy after warm-up)."""
-    t_end = time.time() + timeout
-    while len(list(grid.get_node_ids())) < len(names) and time.time() < t_end:
+    """({party: node id}, {party: its setup reply}): asks every SuperNode that connects which party it
+    holds (and, for a new run, its accuracy after warm-up) until each of `names` is found."""
+    nodes, setup, asked, errors, t_end = {}, {}, set(), {}, time.time() + timeout
+    while any(n not in nodes for n in names) and time.time() < t_end:
+        new = {f"node{i}": i for i in grid.get_node_ids() if i not in asked}
+        asked.update(new.values())
+        for key, (meta, _) in exchange(grid, new, "setup", 0, {k: {} for k in new}, errors, timeout, {},
+                                       evaluate=evaluate).items():
+            if meta["party"] in nodes:
+                raise ValueError(f"two SuperNodes hold party {meta['party']} (their node config party=...)")
+            nodes[meta["party"]], setup[meta["party"]] = new[key], meta
         time.sleep(1)
-    node_ids = list(grid.get_node_ids())
-    ask = {f"node{i}": {} for i in node_ids}
-    errors = {}
-    got = exchange(grid, {f"node{i}": i for i in node_ids}, "setup", 0, ask, errors, timeout, {}, evaluate=evaluate)
-    nodes, setup = {}, {}
-    for key, (meta, _) in got.items():
-        if meta["party"] in nodes:
-            raise ValueError(f"two SuperNodes hold party {meta['party']} (node config party=...)")
-        nodes[meta["party"]], setup[meta["party"]] = int(key[4:]), meta
     missing = [n for n in names if n not in nodes]
     if missing:
-        raise RuntimeError(f"no SuperNode holds {', '.join(missing)} (--node-config \"party='...'\"); "
-                           f"{len(node_ids)} connected; errors: {errors}")
+        raise RuntimeError(f"no SuperNode holds {', '.join(missing)} after {timeout:.0f} s "
+                           f"(--node-config \"party='...'\"); {len(asked)} connected; errors: {errors}")
     print("clients:", {n: nodes[n] for n in names}, flush=True)
     return {n: nodes[n] for n in names}, setup
 
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from data import DataError
+    from models import ModelError
+
+    try:
+        serve(grid, context)
+    except (DataError, ModelError, ValueError, FileNotFoundError) as e:  # what the user gave: say it in one line
+        print(f"flower_app.py: error: {e}", file=sys.stderr, flush=True)
+        raise  # and Flower marks the run failed
+
+
+def serve(grid: Grid, context: Context) -> None:
+    """The server's side of federated.run: setup, then `for rnd in range(start + 1, rounds + 1)`."""
     cfg = config_of(context.run_config)
     timeout = float(context.run_config.get("timeout", 3600))  # seconds a stage waits for the clients' replies
     out, amp = F.open_run(cfg)
