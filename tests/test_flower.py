@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -100,7 +101,8 @@ def stop(proc):
 class Federation:
     def __init__(self, root: Path):
         self.root, self.procs = root, {}
-        self.env = dict(os.environ, FLWR_HOME=str(root / "flwr-home"))
+        bin_dir = str(Path(sys.executable).parent)  # where pip put flwr's commands (Flower calls them by name too)
+        self.env = dict(os.environ, FLWR_HOME=str(root / "flwr-home"), PATH=bin_dir + os.pathsep + os.environ["PATH"])
         link, *nodes = free_ports(1 + len(SLMS))
         (root / "flwr-home").mkdir()
         (root / "flwr-home" / "config.toml").write_text(
