@@ -199,10 +199,12 @@ class Party:
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
         self.filters, self.state = {}, {}
         self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
+        self.evals = {name: test}  # what `evaluate` scores (build_parties: `eval_sets`)
 
 
-def build_parties(cfg, splits) -> dict:
-    """{name: Party} for the LLM and the SLMs: warmed up on their own data (cached), or loaded."""
+def build_parties(cfg, splits, only=None) -> dict:
+    """{name: Party} for the LLM and the SLMs (or the names in `only`): warmed up on their own data
+    (cached), or loaded."""
     from data import with_solutions
     from distill import warm_up
     from lora import base_dtype, check_parties, prepare
@@ -215,13 +217,17 @@ def build_parties(cfg, splits) -> dict:
             raise ValueError("--llm and --slms go together")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
+        names = [n for n in names if not only or n in only]
+        dirs = dict(zip(["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)], dirs))
         check_parties(cfg, names)
-        check(cfg, {n: meta_model(d) for n, d in zip(names, dirs)})  # the memory plan, before any weight is read
-        loaded = {n: load_model(d, device=dev, dtype=base_dtype(cfg, n)) + (dict(path=d),) for n, d in zip(names, dirs)}
+        check(cfg, {n: meta_model(dirs[n]) for n in names})  # the memory plan, before any weight is read
+        loaded = {n: load_model(dirs[n], device=dev, dtype=base_dtype(cfg, n)) + (dict(path=dirs[n]),) for n in names}
     else:
         corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
         loaded = {}
         for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
+            if only and name not in only:
+                continue
             if name == "llm":
                 warm_data, steps = with_solutions(splits["public"]) + splits["general"], cfg["warm_llm"]
             else:
@@ -242,7 +248,8 @@ def build_parties(cfg, splits) -> dict:
         check_parties(cfg, list(loaded))
         check(cfg, {n: got[0] for n, got in loaded.items()}, strict=False)  # the memory plan of the rounds
     parties = {}
-    for k, (name, (model, tok, info)) in enumerate(loaded.items()):
+    for name, (model, tok, info) in loaded.items():
+        k = 0 if name == "llm" else int(name[3:])  # slm<k>
         info.setdefault("params", n_params(model))
         if base_dtype(cfg, name) is not None and not cfg["llm"]:
             model.to(base_dtype(cfg, name))  # a LoRA party's frozen base: bf16 (the cache holds fp32)
@@ -252,6 +259,7 @@ def build_parties(cfg, splits) -> dict:
         local = with_solutions(splits["public"]) if name == "llm" else splits["clients"][k - 1]["private"]
         test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
         parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
+        parties[name].evals = eval_sets(cfg, splits, name)
     return parties
 
 
@@ -273,6 +281,12 @@ def set_counts(cfg, server, clients, frozen_llm):
                 party.counts[key] = n
 
 
+def average(state_dicts):
+    """The entrywise mean of the SLMs' weights (float32)."""
+    with torch.no_grad():
+        return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0) for k in state_dicts[0]}
+
+
 def fedavg(models, names):
     """Average the SLMs' weights in place (FedMKT's homogeneous setting)."""
     from lora import is_lora
@@ -280,7 +294,7 @@ def fedavg(models, names):
     first = models[names[0]]  # LoRA parties average their adapters; their frozen bases stay as loaded
     keys = [k for k, p in first.named_parameters() if p.requires_grad] if is_lora(first) else list(first.state_dict())
     with torch.no_grad():
-        avg = {k: torch.stack([models[n].state_dict()[k].float() for n in names]).mean(0) for k in keys}
+        avg = average([{k: models[n].state_dict()[k] for k in keys} for n in names])
         for n in names:
             models[n].load_state_dict({k: v.to(models[n].state_dict()[k].dtype) for k, v in avg.items()},
                                       strict=not is_lora(first))
@@ -573,10 +587,58 @@ def phase(times: dict, name: str, dev: str):
         times[name] = round(times.get(name, 0.0) + time.time() - t0, 2)
 
 
-def run(cfg):
-    import eval as ev
-    from distill import autocast
+def new_filter(cfg, k, direction):
+    """The LaDa filter of client k (0-based) for `direction`: "down" (F_k^down, lives with client k)
+    or "up" (F_k^up, lives with the server); its seed is fixed by (seed, k, direction)."""
     from filter import FEATURE_DIM, LearnabilityFilter
+
+    return LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
+                              epochs=cfg["filter_epochs"], seed=cfg["seed"] * 100 + 2 * k + (direction == "up"),
+                              reward_scale="q90", optimism=cfg["filter_optimism"])
+
+
+def eval_sets(cfg, splits, name) -> dict:
+    """{key: examples} a party is scored on: its test set (its validation set with --eval_split val);
+    the LLM also on the private-only domains where the testbed has them (key "llm-private")."""
+    part = cfg["eval_split"]
+    if name != "llm":
+        return {name: splits["clients"][int(name[3:]) - 1][part]}
+    private = splits.get(f"public_{part}_private")
+    return {"llm": splits[f"public_{part}"], **({"llm-private": private} if private else {})}
+
+
+def evaluate(cfg, party, rnd) -> dict:
+    """Greedy accuracy of the party's model on each of its evaluation sets: {"accuracy", "strict",
+    "eval_n", "correct"}, each {key: value}. Rounds before the last read the first eval_subset
+    problems; round 0 and the last read all, and give each problem's 0/1 (a string, "correct") for
+    paired comparisons."""
+    import eval as ev
+
+    full = rnd in (0, cfg["rounds"]) or cfg["eval_subset"] <= 0
+    out = {"accuracy": {}, "strict": {}, "eval_n": {}, "correct": {}}
+    for key, examples in party.evals.items():
+        examples = examples if full else examples[:cfg["eval_subset"]]
+        r = ev.evaluate(party.model, party.tok, examples, batch_size=cfg["eval_batch"],
+                        max_new_tokens=cfg["max_new_tokens"], device=cfg["device"],
+                        stop_at_answer_line=cfg["stop_at_answer_line"])
+        out["accuracy"][key], out["strict"][key], out["eval_n"][key] = r["flexible"], r["strict"], len(examples)
+        if full:
+            out["correct"][key] = "".join("01"[ev.is_correct(c, e["answer"])] for c, e in zip(r["completions"], examples))
+    return out
+
+
+def merge_evaluations(evs) -> dict:
+    merged = {"accuracy": {}, "strict": {}, "eval_n": {}, "correct": {}}
+    for e in evs:
+        for k in merged:
+            merged[k].update(e[k])
+    return merged
+
+
+def open_run(cfg):
+    """The output directory (a finished round there needs --resume), the config printed first, the
+    seed and the device settings. Returns (out, amp): amp is the autocast context of cfg's dtype."""
+    from distill import autocast
 
     out = Path(cfg["out"])
     if (out / "ckpt").exists() and not cfg["resume"]:
@@ -584,12 +646,51 @@ def run(cfg):
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(cfg), flush=True)
     torch.manual_seed(cfg["seed"])
-    dev = cfg["device"]
-    if dev.startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
+    if cfg["device"].startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return out, autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA for warm-up, local steps, distillation, scoring, generation
+
+
+def new_results(cfg, infos, ev0, setup_times):
+    return {"config": cfg, "parties": infos, "initial": ev0["accuracy"], "initial_strict": ev0["strict"],
+            "initial_correct": ev0["correct"], "seconds": setup_times, "rounds": []}
+
+
+def show_start(out, results):
+    """log.jsonl as far as the run got, and what the parties are."""
+    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
+    print("parties:", json.dumps(results["parties"]))
+    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
+
+
+def end_round(out, cfg, results, entry, save, start, t_rounds):
+    """A round's bookkeeping after its evaluation: the checkpoint (save()), log.jsonl, the report and
+    the progress line."""
+    rnd = entry["round"]
+    results["rounds"].append(entry)
+    with phase(entry["phases"], "checkpoint", cfg["device"]):
+        save()
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    write_report(out, results)
+    eta = (time.time() - t_rounds) / (rnd - start) * (cfg["rounds"] - rnd)
+    print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
+          {n: round(a, 3) for n, a in entry["accuracy"].items()}, "selected", entry["selected"],
+          "MB", {d: round(b / 1e6, 3) for d, b in entry["bytes"].items()}, flush=True)
+
+
+def round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times):
+    return {"round": rnd, "accuracy": ev["accuracy"], "strict": ev["strict"], "eval_n": ev["eval_n"],
+            "correct": ev["correct"], "selected": selected, "reward": rewards,
+            "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
+            "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
+
+
+def run(cfg):
+    out, amp = open_run(cfg)
+    dev = cfg["device"]
     alloc, _ = METHODS[cfg["method"]]
     frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
-    amp = autocast(dev, cfg["dtype"])  # bf16 on CUDA for warm-up, local steps, distillation, scoring, generation
     setup_times = {}
 
     # --- data and parties (spec §1, §6)
@@ -599,13 +700,10 @@ def run(cfg):
         parties = build_parties(cfg, splits)
     server, clients = parties["llm"], [p for n, p in parties.items() if n != "llm"]
     if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
-        mk = lambda s: LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
-                                          epochs=cfg["filter_epochs"], seed=s, reward_scale="q90",
-                                          optimism=cfg["filter_optimism"])
         for k, c in enumerate(clients):
-            c.filters["down"] = mk(cfg["seed"] * 100 + 2 * k)
+            c.filters["down"] = new_filter(cfg, k, "down")
             if not frozen_llm:
-                server.filters[f"up/{c.name}"] = mk(cfg["seed"] * 100 + 2 * k + 1)
+                server.filters[f"up/{c.name}"] = new_filter(cfg, k, "up")
     if cfg["counts_from"]:  # random at the counts another run's filter picked (same student, round)
         set_counts(cfg, server, clients, frozen_llm)
     # the checkpoint's view of every party's state
@@ -615,27 +713,6 @@ def run(cfg):
     filters = {**{f"down/{c.name}": c.filters["down"] for c in clients if "down" in c.filters},
                **server.filters}
 
-    if cfg["eval_split"] == "test":
-        tests = {n: (p, p.test) for n, p in parties.items()}
-    else:  # the validation sets: what the testbed is tuned on, so that tuning reads no test set
-        tests = {"llm": (server, splits["public_val"])}
-        tests.update({c.name: (c, splits["clients"][k]["val"]) for k, c in enumerate(clients)})
-    if splits.get(f"public_{cfg['eval_split']}_private"):  # the LLM on the domains only the clients hold (testbed)
-        tests["llm-private"] = (server, splits[f"public_{cfg['eval_split']}_private"])
-
-    def evaluate_all(full=True):
-        """Greedy accuracy of every party on its test set (the first eval_subset problems unless
-        `full`); with `full`, also each problem's 0/1 (a string), for paired comparisons."""
-        accs, strict, correct = {}, {}, {}
-        m = cfg["eval_subset"] if cfg["eval_subset"] > 0 and not full else None
-        with amp:
-            for n, (p, test) in tests.items():
-                r = ev.evaluate(p.model, p.tok, test[:m], batch_size=cfg["eval_batch"], max_new_tokens=cfg["max_new_tokens"],
-                                device=dev, stop_at_answer_line=cfg["stop_at_answer_line"])
-                accs[n], strict[n] = r["flexible"], r["strict"]
-                if full:
-                    correct[n] = "".join("01"[ev.is_correct(c, ex["answer"])] for c, ex in zip(r["completions"], test))
-        return accs, strict, correct
 
     start = 0
     if cfg["resume"] and (out / "ckpt").exists():
@@ -643,12 +720,9 @@ def run(cfg):
         print(f"resuming after round {start}")
     else:
         with phase(setup_times, "evaluation", dev):
-            acc0, strict0, correct0 = evaluate_all()
-        results = {"config": cfg, "parties": {n: p.info for n, p in parties.items()}, "initial": acc0,
-                   "initial_strict": strict0, "initial_correct": correct0, "seconds": setup_times, "rounds": []}
-    (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results["rounds"]))
-    print("parties:", json.dumps(results["parties"]))
-    print("after warm-up:", {n: round(a, 3) for n, a in results["initial"].items()}, flush=True)
+            ev0 = merge_evaluations(evaluate(cfg, p, 0) for p in parties.values())
+        results = new_results(cfg, {n: p.info for n, p in parties.items()}, ev0, setup_times)
+    show_start(out, results)
 
     t_rounds = time.time()
     for rnd in range(start + 1, cfg["rounds"] + 1):
@@ -699,24 +773,11 @@ def run(cfg):
                     rewards.update({f"up/{n}": r for n, r in got["rewards"].items()})
 
         # --- evaluation, log, checkpoint
-        full = rnd == cfg["rounds"] or cfg["eval_subset"] <= 0
         with phase(times, "evaluation", dev):
-            acc, strict, correct = evaluate_all(full)
-        entry = {"round": rnd, "accuracy": acc, "strict": strict, "eval_n": {n: len(t if full else t[:cfg["eval_subset"]])
-                 for n, (_, t) in tests.items()}, "correct": correct, "selected": selected, "reward": rewards,
-                 "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
-                 "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
-        results["rounds"].append(entry)
-        with phase(times, "checkpoint", dev):
-            save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        write_report(out, results)
-        done = rnd - start
-        eta = (time.time() - t_rounds) / done * (cfg["rounds"] - rnd)
-        print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
-              {n: round(a, 3) for n, a in acc.items()}, "selected", selected,
-              "MB", {d: round(b / 1e6, 3) for d, b in traffic.items()}, flush=True)
+            ev = merge_evaluations(evaluate(cfg, p, rnd) for p in parties.values())
+        entry = round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times)
+        end_round(out, cfg, results, entry, lambda: save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results),
+                  start, t_rounds)
     print(write_report(out, results))
     return results
 
@@ -804,17 +865,23 @@ def choose_preset(args, has_gpu: bool):
     return args.preset, None
 
 
+def config_from_flags(argv):
+    """(cfg, notice) from the command line's flags (flower_app.py resolves its flags here too)."""
+    args = parse_args(argv)
+    args.preset, notice = choose_preset(args, torch.cuda.is_available())
+    preset = "smoke" if args.smoke else args.preset
+    cfg = resolve_config(args)
+    cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
+    cfg["resume"] = args.resume
+    return cfg, notice
+
+
 def main(argv=None):
     from data import DataError
     from models import ModelError
 
-    args = parse_args(argv)
-    args.preset, notice = choose_preset(args, torch.cuda.is_available())
-    preset = "smoke" if args.smoke else args.preset
     try:
-        cfg = resolve_config(args)
-        cfg["out"] = args.out or f"runs/{cfg['scenario']}-{cfg['method']}-{preset}-s{cfg['seed']}"
-        cfg["resume"] = args.resume
+        cfg, notice = config_from_flags(argv)
         if notice:
             print(notice, file=sys.stderr, flush=True)
         run(cfg)

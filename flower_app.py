@@ -1,0 +1,508 @@
+"""flower_app.py: the round of spec §2 with every party on its own machine, over Flower (optional).
+
+    pip install -r requirements.txt -r requirements-flower.txt                     # every machine
+    flower-superlink --insecure --disable-runtime-dependency-installation            # the server
+    flower-supernode --insecure --superlink SERVER:8000 --node-config "party='slm1'" # client 1's site
+    ...                                                                              # one per SLM
+    flwr run . lada --stream --run-config "flags='--scenario hetero --smoke'"        # README: the connection
+
+The ServerApp holds the LLM, the public data and the up-filters F_k^up and drives the round (steps 2,
+4, 5', 6', 7'); each ClientApp holds one SLM (chosen by the node's `party`), its private data and its
+down-filter F_k^down (steps 1, 3, 5, 6, 7). They call federated.py's step functions; what crosses is
+exactly the SCHEMA dicts of federated.py, checked and counted by its `send`, encoded losslessly into
+Flower records (`pack`/`unpack`), plus a small report per client (its counts, losses and accuracy,
+for the log). `flags` are federated.py's flags and resolve the same way on every machine, so the same
+flags give the same results as `python federated.py`: every party draws from random.Random(seed,
+round, party), generation is seeded per call, and the round's order of server-side draws is kept.
+
+Flower starts a fresh ClientApp process for every message, so a client keeps its state on disk in
+<dir>/<name of --out>/<party>/ (node config `dir`, default the SuperNode's working directory):
+ckpt/ (its last finished round, in federated.py's checkpoint layout), prev/ckpt (the round before,
+kept in case the server redoes a round after a restart) and work.pt (the round in progress).
+"""
+import fcntl
+import json
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+import federated as F
+
+CLIENT_ERROR = 2  # the code of Flower's own "ClientApp raised an exception" error
+
+# -----------------------------------------------------------------------------
+# Messages: SCHEMA dicts <-> Flower records, losslessly
+
+
+def pack(msgs: dict, **meta) -> RecordDict:
+    """{kind: SCHEMA message} (+ plain JSON values in `meta`) -> RecordDict. Per kind, an ArrayRecord
+    of its tensors (a state_dict's entries as "field/key"; bf16 travels as its int16 bits) and a
+    ConfigRecord of its string lists."""
+    rd = RecordDict({"meta": ConfigRecord({"json": json.dumps(meta)})})
+    for kind, msg in msgs.items():
+        arrays, texts = ArrayRecord(), ConfigRecord()
+        for field, v in msg.items():
+            if isinstance(v, (dict, torch.Tensor)):
+                for key, t in (v.items() if isinstance(v, dict) else [(None, v)]):
+                    name = field if key is None else f"{field}/{key}"
+                    t = t.detach().cpu().contiguous()
+                    if t.dtype == torch.bfloat16:  # numpy has no bf16
+                        t, name = t.view(torch.int16), name + "@bf16"
+                    arrays[name] = Array(t.numpy())
+            else:
+                texts[field] = list(v)
+        rd[f"{kind}.arrays"], rd[f"{kind}.texts"] = arrays, texts
+    return rd
+
+
+def unpack(rd: RecordDict) -> tuple[dict, dict]:
+    """RecordDict -> (meta, {kind: SCHEMA message}), the inverse of `pack`."""
+    meta = json.loads(rd.config_records["meta"]["json"])
+    msgs = {}
+    for key in rd:
+        if not key.endswith(".arrays"):
+            continue
+        kind, msg = key[:-len(".arrays")], {}
+        for name, a in rd.array_records[key].items():
+            t = torch.from_numpy(a.numpy().copy())
+            if name.endswith("@bf16"):
+                t, name = t.view(torch.bfloat16), name[:-len("@bf16")]
+            if "/" in name:
+                field, sub = name.split("/", 1)
+                msg.setdefault(field, {})[sub] = t
+            else:
+                msg[name] = t
+        msg.update({f: list(v) for f, v in rd.config_records[f"{kind}.texts"].items()})
+        msgs[kind] = msg
+    return meta, msgs
+
+
+def record_bytes(rd: RecordDict) -> int:
+    """Bytes of a message's records as Flower serializes them (arrays with their .npy headers, UTF-8 text)."""
+    n = 0
+    for rec in rd.values():
+        if isinstance(rec, ArrayRecord):
+            n += sum(len(a.data) for a in rec.values())
+        else:
+            n += sum(len(s.encode()) for v in rec.values() for s in (v if isinstance(v, list) else [v]))
+    return n
+
+
+# -----------------------------------------------------------------------------
+# Configuration: federated.py's flags, the same on every machine (+ what is local to a node)
+
+NODE_FLAGS = ("device", "dtype", "cache")  # may differ per machine: where it computes, where it caches warm-ups
+
+
+def config_of(run_config, node_config=None) -> dict:
+    """cfg from the run's `flags` (federated.py's command line) and the node's own device/dtype/cache."""
+    argv = shlex.split(str(run_config.get("flags", "")))
+    for k in NODE_FLAGS:
+        if node_config and k in node_config:
+            argv += [f"--{k}", str(node_config[k])]
+    try:
+        cfg, notice = F.config_from_flags(argv)
+    except SystemExit:  # argparse said what was wrong on stderr
+        raise ValueError(f"bad flags: {' '.join(argv)}") from None
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
+    return cfg
+
+
+def slm_names(cfg) -> list[str]:
+    n = len(cfg["slms"].split(",")) if cfg["slms"] else len(F.party_specs(cfg)) - 1
+    return [f"slm{k + 1}" for k in range(n)]
+
+
+def autocast_of(cfg):
+    from distill import autocast
+
+    return autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA, as in federated.run
+
+
+def build(cfg, names):
+    """The parties in `names`, built exactly as federated.run builds them (same data, seeds, cache)."""
+    splits = F.make_data(cfg, len(slm_names(cfg)))
+    with autocast_of(cfg):
+        return F.build_parties(cfg, splits, only=names)
+
+
+# -----------------------------------------------------------------------------
+# The client: one SLM, its private data, its down-filter. Each stage is one message.
+
+client = ClientApp()
+
+
+def client_party(cfg, name):
+    party = build(cfg, [name])[name]
+    if F.METHODS[cfg["method"]][0] == "filter":
+        party.filters["down"] = F.new_filter(cfg, int(name[3:]) - 1, "down")
+    return party
+
+
+def round_of(d: Path) -> int:
+    return json.loads((d / "results.json").read_text())["round"]
+
+
+def restore(cfg, party, cdir: Path, rnd: int) -> int:
+    """Load the client's last finished round before `rnd` (ckpt/, or prev/ckpt when the server redoes
+    a round it had not committed); 0 = none, the warmed-up party. Returns that round."""
+    have = {d: round_of(d) for d in (cdir / "ckpt", cdir / "prev" / "ckpt") if (d / "results.json").is_file()}
+    if any(r > rnd for r in have.values()) or (rnd == 1 and have and not cfg["resume"]):
+        raise ValueError(f"{cdir} holds another run (round {max(have.values())}, the server starts round {rnd}); "
+                         "use another --out, or --resume")
+    for d, r in sorted(have.items(), key=lambda kv: -kv[1]):
+        if r < rnd:
+            F.load_checkpoint(d.parent, cfg, {party.name: party.model}, {party.name: party.opt}, down_filters(party))
+            return r
+    return 0
+
+
+def down_filters(party):
+    return {f"down/{party.name}": party.filters["down"]} if "down" in party.filters else {}
+
+
+def save_work(cdir, party, rnd, rng, offer, report):
+    """The round in progress (between two messages), in one atomic write."""
+    tmp = cdir / "work.pt.tmp"
+    torch.save(dict(round=rnd, model=party.model.state_dict(), opt=party.opt.state_dict(),
+                    filters={k: f.state_dict() for k, f in down_filters(party).items()}, rng=rng.getstate(),
+                    state=party.state, offer=offer, report=report), tmp)
+    os.replace(tmp, cdir / "work.pt")
+
+
+def load_work(cdir, party, rnd):
+    w = torch.load(cdir / "work.pt", weights_only=False)
+    if w["round"] != rnd:
+        raise RuntimeError(f"{cdir}: the work in progress is of round {w['round']}, not {rnd}")
+    party.model.load_state_dict(w["model"])
+    party.opt.load_state_dict(w["opt"])
+    for k, f in down_filters(party).items():
+        f.load_state_dict(w["filters"][k])
+    party.state = w["state"]
+    rng = random.Random()
+    rng.setstate(w["rng"])
+    return rng, w["offer"], w["report"]
+
+
+def finish(cfg, party, cdir, rnd, report) -> dict:
+    """The client's end of round: its evaluation and its checkpoint (the one before kept as prev/)."""
+    with autocast_of(cfg):
+        report["eval"] = F.evaluate(cfg, party, rnd)
+    if (cdir / "ckpt").exists():
+        shutil.rmtree(cdir / "prev", ignore_errors=True)
+        (cdir / "prev").mkdir()
+        os.replace(cdir / "ckpt", cdir / "prev" / "ckpt")
+    n = party.name
+    F.save_checkpoint(cdir, cfg, rnd, {n: party.model}, {n: party.tok}, {n: party.opt}, down_filters(party),
+                      {"party": n, "round": rnd, "report": report})
+    (cdir / "work.pt").unlink(missing_ok=True)
+    return report
+
+
+def client_stage(stage, msg, context) -> Message:
+    """Run one stage of the client's round; a failure goes back as a Flower Error whose reason is
+    "Type: text", as federated.run logs it."""
+    try:
+        meta, got = unpack(msg.content)
+        cfg = config_of(context.run_config, context.node_config)
+        name = str(context.node_config.get("party", ""))
+        if name not in slm_names(cfg):
+            raise ValueError(f"node config party={name!r}: must be one of {', '.join(slm_names(cfg))}")
+        cdir = Path(str(context.node_config.get("dir", "."))) / Path(cfg["out"]).name / name
+        cdir.mkdir(parents=True, exist_ok=True)
+        with open(cdir / ".lock", "w") as lock:  # one stage at a time (one of a stopped run may still be finishing)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out_meta, out = STAGES[stage](cfg, name, cdir, meta, got)
+        for kind, m in out.items():  # the schema check of what leaves this machine
+            F.send(m, kind, {}, "up")
+        return Message(pack(out, **out_meta), reply_to=msg)
+    except Exception as e:
+        traceback.print_exc()
+        return Message(Error(code=CLIENT_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
+
+
+def stage_setup(cfg, name, cdir, meta, got):
+    """Which party this node is; with `evaluate`, its warm-up (cached) and accuracy before round 1."""
+    if not meta["evaluate"]:
+        return dict(party=name), {}
+    party = client_party(cfg, name)
+    with autocast_of(cfg):
+        ev = F.evaluate(cfg, party, 0)
+    return dict(party=name, info=party.info, eval=ev), {}
+
+
+def start_round(cfg, name, cdir, rnd):
+    """1. The local step, from the last finished round (federated.run: rng and torch seed per round)."""
+    party = client_party(cfg, name)
+    restore(cfg, party, cdir, rnd)
+    rng = random.Random(f"{cfg['seed']}-{rnd}-{name}")  # the party's own randomness, as in federated.run
+    torch.manual_seed(cfg["seed"] * 1000 + rnd)
+    with autocast_of(cfg):
+        loss = F.local_step(party, cfg, rng)
+    return party, rng, {"losses": {f"local/{name}": loss}}
+
+
+def stage_local(cfg, name, cdir, meta, got):
+    """1. then, with FedAvg (homo), the SLM's weights go up."""
+    party, rng, report = start_round(cfg, name, cdir, meta["round"])
+    save_work(cdir, party, meta["round"], rng, None, report)
+    return dict(report=report), {"weights": {"state_dict": party.model.state_dict()}}
+
+
+def stage_answer(cfg, name, cdir, meta, got):
+    """(FedAvg's weights in,) 3. the client's paths and scores for the pool; without a pool (method
+    local or fedavg) the round ends here."""
+    rnd = meta["round"]
+    if "weights" in got:  # after stage_local
+        party = client_party(cfg, name)
+        rng, _, report = load_work(cdir, party, rnd)
+        sd = party.model.state_dict()
+        party.model.load_state_dict({k: v.to(sd[k].dtype) for k, v in got["weights"]["state_dict"].items()})
+    else:
+        party, rng, report = start_round(cfg, name, cdir, rnd)
+    if "pool" not in got:
+        return dict(report=finish(cfg, party, cdir, rnd, report)), {}
+    with autocast_of(cfg):
+        reply = F.client_answer(party, got["pool"], cfg, rnd, int(name[3:]) - 1)
+    save_work(cdir, party, rnd, rng, got["pool"], report)
+    return dict(report=report), {"client_paths": reply}
+
+
+def stage_learn(cfg, name, cdir, meta, got):
+    """5, 6, 7: F_k^down picks, the SLM distills, re-scores and rewards; then evaluation and checkpoint."""
+    rnd = meta["round"]
+    party = client_party(cfg, name)
+    rng, offer, report = load_work(cdir, party, rnd)
+    with autocast_of(cfg):
+        learned = F.client_learn(party, offer, got["llm_score"], cfg, rng)
+    report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"])
+    return dict(report=finish(cfg, party, cdir, rnd, report)), {}
+
+
+STAGES = {"setup": stage_setup, "local": stage_local, "answer": stage_answer, "learn": stage_learn}
+
+
+@client.query("setup")
+def _setup(msg: Message, context: Context) -> Message:
+    return client_stage("setup", msg, context)
+
+
+@client.train("local")
+def _local(msg: Message, context: Context) -> Message:
+    return client_stage("local", msg, context)
+
+
+@client.train("answer")
+def _answer(msg: Message, context: Context) -> Message:
+    return client_stage("answer", msg, context)
+
+
+@client.train("learn")
+def _learn(msg: Message, context: Context) -> Message:
+    return client_stage("learn", msg, context)
+
+
+# -----------------------------------------------------------------------------
+# The server: the LLM, the public data, the up-filters; it drives the round.
+
+server = ServerApp()
+
+
+def exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire, **meta) -> dict:
+    """Send each client in `payloads` ({name: {kind: SCHEMA message}}) its message of `stage` and wait
+    for the replies, at most `timeout` seconds. Returns {name: (meta, {kind: message})} of the clients
+    that answered, in the clients' order; each other one gets its line in `errors` (as federated.run
+    logs a failing client) and is skipped for the rest of the round."""
+    mtype = ("query." if stage == "setup" else "train.") + stage
+    msgs = []
+    for n, p in payloads.items():
+        rd = pack(p, round=rnd, **meta)
+        wire["down"] = wire.get("down", 0) + record_bytes(rd)
+        msgs.append(Message(rd, dst_node_id=nodes[n], message_type=mtype, group_id=str(rnd)))
+    ids = {i: n for i, n in zip(grid.push_messages(msgs), payloads) if i}
+    for n in payloads:
+        if n not in ids.values():
+            errors[n] = "RuntimeError: the SuperLink did not take the message"
+    got, t_end = {}, time.time() + timeout
+    while len(got) < len(ids) and time.time() < t_end:
+        for r in grid.pull_messages([i for i, n in ids.items() if n not in got]):
+            got[ids[r.metadata.reply_to_message_id]] = r
+        time.sleep(0.2)
+    out = {}
+    for n in payloads:
+        r = got.get(n)
+        if n in errors:
+            continue
+        if r is None:
+            errors[n] = f"TimeoutError: no reply to '{stage}' within {timeout:.0f} s"
+        elif r.has_error():
+            errors[n] = r.error.reason
+        else:
+            wire["up"] = wire.get("up", 0) + record_bytes(r.content)
+            out[n] = unpack(r.content)
+            continue
+        print(f"{'setup' if stage == 'setup' else f'round {rnd}'}: {n} failed and is skipped ({errors[n]})",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def find_clients(grid, names, evaluate, timeout) -> tuple[dict, dict]:
+    """({party: node id}, {party: its setup reply}): asks every SuperNode that connects which party it
+    holds (and, for a new run, its accuracy after warm-up) until each of `names` is found."""
+    nodes, setup, asked, errors, t_end = {}, {}, set(), {}, time.time() + timeout
+    while any(n not in nodes for n in names) and time.time() < t_end:
+        new = {f"node{i}": i for i in grid.get_node_ids() if i not in asked}
+        asked.update(new.values())
+        for key, (meta, _) in exchange(grid, new, "setup", 0, {k: {} for k in new}, errors, timeout, {},
+                                       evaluate=evaluate).items():
+            if meta["party"] in nodes:
+                raise ValueError(f"two SuperNodes hold party {meta['party']} (their node config party=...)")
+            nodes[meta["party"]], setup[meta["party"]] = new[key], meta
+        time.sleep(1)
+    missing = [n for n in names if n not in nodes]
+    if missing:
+        raise RuntimeError(f"no SuperNode holds {', '.join(missing)} after {timeout:.0f} s "
+                           f"(--node-config \"party='...'\"); {len(asked)} connected; errors: {errors}")
+    print("clients:", {n: nodes[n] for n in names}, flush=True)
+    return {n: nodes[n] for n in names}, setup
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    from data import DataError
+    from models import ModelError
+
+    try:
+        serve(grid, context)
+    except (DataError, ModelError, ValueError, FileNotFoundError) as e:  # what the user gave: say it in one line
+        print(f"flower_app.py: error: {e}", file=sys.stderr, flush=True)
+        raise  # and Flower marks the run failed
+
+
+def serve(grid: Grid, context: Context) -> None:
+    """The server's side of federated.run: setup, then `for rnd in range(start + 1, rounds + 1)`."""
+    cfg = config_of(context.run_config)
+    timeout = float(context.run_config.get("timeout", 3600))  # seconds a stage waits for the clients' replies
+    out, amp = F.open_run(cfg)
+    dev = cfg["device"]
+    alloc, _ = F.METHODS[cfg["method"]]
+    frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
+    fedavg = cfg["scenario"] == "homo" and cfg["method"] != "local"
+    names = slm_names(cfg)
+    setup_times = {}
+
+    # --- the LLM (warmed up or cached) and its up-filters; the clients' SuperNodes
+    with F.phase(setup_times, "warm-up", dev):
+        server = build(cfg, ["llm"])["llm"]
+    if alloc == "filter" and not frozen_llm:
+        for k, n in enumerate(names):
+            server.filters[f"up/{n}"] = F.new_filter(cfg, k, "up")
+    resume = cfg["resume"] and (out / "ckpt").exists()
+    nodes, setup = find_clients(grid, names, not resume, timeout)
+    start = 0
+    if resume:
+        start, results = F.load_checkpoint(out, cfg, {"llm": server.model}, {"llm": server.opt}, server.filters)
+        print(f"resuming after round {start}")
+    else:
+        with amp, F.phase(setup_times, "evaluation", dev):
+            ev = F.evaluate(cfg, server, 0)
+        results = F.new_results(cfg, {"llm": server.info, **{n: setup[n]["info"] for n in names}},
+                                F.merge_evaluations([ev] + [setup[n]["eval"] for n in names]), setup_times)
+    F.show_start(out, results)
+
+    t_rounds = time.time()
+    for rnd in range(start + 1, cfg["rounds"] + 1):
+        t0 = time.time()
+        rng = random.Random(f"{cfg['seed']}-{rnd}-llm")  # the LLM's own randomness, as in federated.run
+        torch.manual_seed(cfg["seed"] * 1000 + rnd)
+        traffic, selected, rewards, losses, errors, times, wire, reports = {}, {}, {}, {}, {}, {}, {}, {}
+        ex = lambda stage, payloads: exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire)
+
+        def skip(n, e):  # federated.run's handling of a failing client
+            errors[n] = f"{type(e).__name__}: {e}"
+            print(f"round {rnd}: client {n} failed and is skipped ({errors[n]})", file=sys.stderr, flush=True)
+
+        with amp:
+            # --- 1. local step: the LLM here, each SLM at its site (in its first message of the round)
+            if not frozen_llm:
+                with F.phase(times, "local", dev):
+                    losses["local/llm"] = F.local_step(server, cfg, rng)
+            down = {n: {} for n in names}  # what each client's "answer" message carries
+            if fedavg:  # FedAvg of the SLMs, after their local step
+                with F.phase(times, "1 clients: local", dev):
+                    got = ex("local", down)
+                down = {}
+                for n, (_, msgs) in got.items():
+                    try:
+                        down[n] = {"weights": F.send(msgs["weights"], "weights", traffic, "up")}
+                    except Exception as e:
+                        skip(n, e)
+                with F.phase(times, "fedavg", dev):
+                    avg = F.average([m["weights"]["state_dict"] for m in down.values()]) if down else {}
+                for n in down:
+                    F.send({"state_dict": avg}, "weights", traffic, "down")
+                    down[n]["weights"] = {"state_dict": avg}
+
+            # --- 2, 3: the pool goes down, the clients' paths come up
+            if alloc is not None:
+                with F.phase(times, "2 server_offer", dev):
+                    offer = F.server_offer(server, cfg, rnd, rng)
+                for n in down:
+                    down[n]["pool"] = F.send(offer, "pool", traffic, "down")
+            with F.phase(times, "1, 3 clients: local, client_answer", dev):
+                got = ex("answer", down)
+            for n, (meta, _) in got.items():
+                reports[n] = meta["report"]
+                losses.update(meta["report"]["losses"])
+
+            if alloc is not None:
+                # --- 4: the LLM scores each client's paths
+                scores = {}
+                for n, (_, msgs) in got.items():
+                    try:
+                        reply = F.send(msgs["client_paths"], "client_paths", traffic, "up")
+                        with F.phase(times, "4 server_score", dev):
+                            scores[n] = {"llm_score": F.send(F.server_score(server, n, reply, cfg), "llm_score",
+                                                             traffic, "down")}
+                    except Exception as e:
+                        skip(n, e)
+                # --- 5, 6, 7 at each client; 5' here, per client, in the clients' order
+                with F.phase(times, "5-7 clients: client_learn", dev):
+                    got = ex("learn", scores)
+                for n, (meta, _) in got.items():
+                    rep = reports[n] = meta["report"]
+                    selected[f"down/{n}"] = rep["selected"]
+                    losses.update({f"{key}/{n}": v for key, v in rep["learn_losses"].items()})
+                    if rep["reward"] is not None:
+                        rewards[f"down/{n}"] = rep["reward"]
+                    if not frozen_llm:
+                        with F.phase(times, "5' server_pick", dev):
+                            selected[f"up/{n}"] = len(F.server_pick(server, n, cfg, rng))
+                if not frozen_llm:
+                    with F.phase(times, "6'-7' server_learn", dev):
+                        learned = F.server_learn(server, cfg, rng)
+                    losses.update({f"{key}/llm": v for key, v in learned["losses"].items()})
+                    rewards.update({f"up/{n}": r for n, r in learned["rewards"].items()})
+
+        # --- evaluation (the LLM here; each client evaluated itself at its round's end), log, checkpoint
+        with amp, F.phase(times, "evaluation", dev):
+            ev = F.evaluate(cfg, server, rnd)
+        done = [n for n in names if "eval" in reports.get(n, {})]
+        entry = F.round_entry(rnd, F.merge_evaluations([ev] + [reports[n]["eval"] for n in done]),
+                              selected, rewards, losses, traffic, errors, t0, times)
+        entry["records"] = wire  # bytes of the Flower records (arrays with .npy headers, text, per-message meta)
+        F.end_round(out, cfg, results, entry,
+                    lambda: F.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},
+                                              {"llm": server.opt}, server.filters, results), start, t_rounds)
+    print(F.write_report(out, results))
