@@ -78,7 +78,7 @@ def resolve_config(args) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             cfg[k] = v
-    if cfg["data_seed"] < 0:  # data, initializations and warm-ups follow --seed unless fixed apart
+    if cfg["data_seed"] == -1:  # data, initializations and warm-ups follow --seed unless fixed apart
         cfg["data_seed"] = cfg["seed"]
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"

@@ -228,20 +228,15 @@ def test_receive_refuses_each_kind_of_bad_message():
         federated.receive({"logp_llm_yslm": torch.tensor([0.0, nan, 0.0])}, "llm_score", 3, cfg)
 
 
-# what a hostile client does to its honest reply, round by round (rounds 1..6), and the reason expected
+# what a hostile client does to its honest reply in rounds 1, 2, 3, and the reason its receiver logs
+# (receive's other refusals are in the test above)
 HOSTILE = {
     "slm2": [(lambda r: r["logp_slm_yslm"].__setitem__(1, float("nan")), "logp_slm_yslm[1] is nan"),
              (lambda r: r.update(y_slm=r["y_slm"][:-1]), "y_slm has 3 entries for 4"),
-             (lambda r: r.pop("logp_slm_yllm"), "missing fields ['logp_slm_yllm']"),
-             (lambda r: r["y_slm"].__setitem__(0, "7" * 10**7), "y_slm[0] has 10000000 characters, above the cap of 256"),
-             (lambda r: r.update(y_slm=[1, 2, 3, 4]), "y_slm must be a list of strings"),
-             (lambda r: r.update(logp_slm_yslm=r["logp_slm_yslm"].double().abs() + 1), "but a log-prob is <= 0")],
+             (lambda r: r["y_slm"].__setitem__(0, "7" * 10**7), "y_slm[0] has 10000000 characters, above the cap of 256")],
     "slm3": [(lambda r: r["logp_slm_yllm"].__setitem__(0, float("inf")), "logp_slm_yllm[0] is inf"),
-             (lambda r: r.update(private_data=["my private example"]), "outside the protocol"),
-             (lambda r: r["logp_slm_yllm"].__setitem__(3, -float("inf")), "logp_slm_yllm[3] is -inf"),
-             (lambda r: r["y_slm"].__setitem__(2, "8" * (65 * 2**20)), "above the cap of 64 MiB"),
-             (lambda r: r.update(logp_slm_yllm=r["logp_slm_yllm"][:, None]), "must be a 1-D float tensor"),
-             (lambda r: r.update(y_slm=r["y_slm"] + ["one more"]), "y_slm has 5 entries for 4")],
+             (lambda r: r.pop("logp_slm_yllm"), "missing fields ['logp_slm_yllm']"),
+             (lambda r: r.update(private_data=["my private example"]), "outside the protocol")],  # (refused by send)
 }
 
 
@@ -334,9 +329,7 @@ COLD = [  # a fresh cache: warm-up and the cache writes
     dict(crash_at="round:2"),                   # round 1, after the second client's reply: no checkpoint yet
 ]
 WARM = [  # the warmed-up cache of the reference: the rounds and the checkpoint writes
-    dict(crash_at="checkpoint:1"),              # round 1's checkpoint: weights written, states not
-    dict(crash_at="commit_link:1"),             # round 1's checkpoint in place as ckpt.r0001, the ckpt link not yet switched
-    dict(crash_at="round:5"),                   # round 2, after the second client's reply (resumed from round 1)
+    dict(crash_at="round:5"),                   # round 2, after the second client's reply (round 1 checkpointed)
     dict(crash_at="checkpoint:1"),              # round 2's checkpoint, half written
     dict(crash_at="commit_link:1"),             # round 2's checkpoint in place, link still on round 1
     dict(crash_at="commit_link_done:1"),        # link switched to round 2; log, report and cleanup not yet written
@@ -546,14 +539,24 @@ def one_line_exit_2(fn, argv, says, capfd):
         code = fn(argv)
     except SystemExit as e:  # argparse's own errors
         code = e.code
+    except AssertionError as e:
+        code = str(e)
     err = capfd.readouterr().err.strip().splitlines()
     ok = code == 2 and len(err) == 1 and says in err[0] and "Traceback" not in err[0]
     return ok, (argv, says, code, err[-3:])
 
 
-def test_malformed_inputs_give_one_line_and_exit_2(malformed, tmp_path, capfd):
+def test_malformed_inputs_give_one_line_and_exit_2(malformed, tmp_path, capfd, monkeypatch):
     """Every generated malformed flag, data file and model directory through federated.main, and the
     flags and data files through eval.main, in process (the count is asserted: at least 200)."""
+    import distill
+
+    def slipped(*a, **k):  # an input that got past the checks fails here at once, not after a whole run
+        raise AssertionError("accepted")
+    real_build = federated.build_parties
+    monkeypatch.setattr(distill, "warm_up", slipped)
+    monkeypatch.setattr(federated, "build_parties", lambda *a: real_build(*a) and slipped())
+    monkeypatch.setattr(ev, "evaluate", slipped)
     out = ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "cache")]
     fed = [(["--smoke"] + argv + out, says) for argv, says in malformed["flags"] + malformed["data"] + malformed["dirs"]]
     fails = []
@@ -567,7 +570,7 @@ def test_malformed_inputs_give_one_line_and_exit_2(malformed, tmp_path, capfd):
             fails.append(why)
     n = len(fed) + len(malformed["eval"])
     print(f"malformed inputs tried: {n}, refused with one line and exit 2: {n - len(fails)}")
-    assert n >= 200 and fails == [], fails[:5]
+    assert n >= 200 and fails == [], "\n".join(map(str, fails))
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing was warmed up
 
 
@@ -576,10 +579,8 @@ def test_malformed_inputs_through_real_processes(malformed, tmp_path):
     stderr, no traceback."""
     out = ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]
     picks = [("federated.py", ["--smoke", "--lr", "nan"] + out, "--lr must be a finite number > 0, got nan"),
-             ("federated.py", ["--smoke", "--min_budget", "9", "--budget", "4"] + out, "--min_budget 9 is larger"),
              ("federated.py", ["--smoke"] + malformed["data"][0][0] + out, malformed["data"][0][1]),
              ("federated.py", ["--smoke"] + malformed["dirs"][17][0] + out, malformed["dirs"][17][1]),
-             ("eval.py", malformed["eval"][0][0], malformed["eval"][0][1]),
              ("eval.py", malformed["eval"][-1][0], malformed["eval"][-1][1])]
     for script, argv, says in picks:
         p = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, capture_output=True, text=True)
