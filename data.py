@@ -273,12 +273,22 @@ def _read_records(path: Path):
     """Yield (line_number, dict) from a JSONL file or a JSON list; DataError names file and line."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply") from None
         yield from ((i + 1, r) for i, r in enumerate(rows))  # "line" = 1-based record number here
         return
     for i, line in enumerate(text.splitlines(), 1):
@@ -288,14 +298,25 @@ def _read_records(path: Path):
             yield i, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i}: JSON nested too deeply") from None
 
 
-def _load(path, qkey: str, akey: str) -> list[dict]:
+def _load(path, qkey: str, akey: str, strict: bool) -> list[dict]:
+    """Records with a non-empty question and an answer that holds a gradable number ("#### N" with
+    strict, any number otherwise; eval.extract_answer)."""
+    from eval import extract_answer
+
     path = Path(path)
     out = []
     for i, r in _read_records(path):
         if not isinstance(r, dict) or not isinstance(r.get(qkey), str) or not isinstance(r.get(akey), str):
             raise DataError(f"{path}:{i}: expected an object with string fields '{qkey}' and '{akey}'")
+        if not r[qkey].strip():
+            raise DataError(f"{path}:{i}: empty '{qkey}'")
+        if extract_answer(r[akey], "strict" if strict else "flexible") is None:
+            raise DataError(f"{path}:{i}: '{akey}' has no final answer to grade against "
+                            + ("(GSM8K ends it with '#### N')" if strict else "(no number)"))
         out.append({"question": r[qkey], "answer": r[akey]})
     if not out:
         raise DataError(f"{path}: no records")
@@ -304,12 +325,12 @@ def _load(path, qkey: str, akey: str) -> list[dict]:
 
 def load_gsm8k(path) -> list[dict]:
     """GSM8K JSONL: {"question": ..., "answer": "...\\n#### N"} per line."""
-    return _load(path, "question", "answer")
+    return _load(path, "question", "answer", strict=True)
 
 
 def load_mathinstruct(path) -> list[dict]:
     """MathInstruct-style JSON list or JSONL: {"instruction": ..., "output": ...}."""
-    return _load(path, "instruction", "output")
+    return _load(path, "instruction", "output", strict=False)
 
 
 LOADERS = {"gsm8k": load_gsm8k, "mathinstruct": load_mathinstruct}

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from data import format_prompt
 from kernels import dard_loss_fused, head_is_plain_linear, seq_logprob
-from models import hidden_and_head, to_device
+from models import crash_point, hidden_and_head, to_device
 
 IGNORE = -100
 
@@ -273,6 +273,7 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
         if step >= steps - 20:
             tail.append(last)
         bar.step(lambda: f"loss {last.item():.3f}")
+        crash_point("warm_up")  # a test hook (tests/test_reliability.py); nothing unless LADA_CRASH_AT says so
     bar.close()
     model.eval()
     return float(torch.stack(tail).mean()) if tail else float("nan")

@@ -185,8 +185,14 @@ def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 512, max_
     return result
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"eval.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="GSM8K accuracy of a saved model (greedy decoding)")
+    parser = _Parser(description="GSM8K accuracy of a saved model (greedy decoding)")
     # what to evaluate
     parser.add_argument("--model", required=True, help="model directory (as saved by models.py)")
     parser.add_argument("--data", required=True, help="dataset spec, e.g. gsm8k:PATH.jsonl")
@@ -214,6 +220,8 @@ def main(argv=None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         return fail(f"unknown device {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        return fail(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return fail(f"device {args.device!r} requested but CUDA is not available")
     from data import load_dataset

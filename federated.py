@@ -91,7 +91,7 @@ def resolve_config(args) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             cfg[k] = v
-    if cfg["data_seed"] < 0:  # data, initializations and warm-ups follow --seed unless fixed apart
+    if cfg["data_seed"] == -1:  # data, initializations and warm-ups follow --seed unless fixed apart
         cfg["data_seed"] = cfg["seed"]
     if cfg["device"] == "auto":
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,7 +111,45 @@ def resolve_config(args) -> dict:
         from lora import require_peft
         require_peft()
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
+    check_config(cfg)
     return cfg
+
+
+# What each numeric flag may be; a numeric flag not listed here must be a finite number >= 0
+RANGES = dict(rounds=">= 1", pool_size=">= 1", budget=">= 1", min_budget=">= 1", threshold="in [0, 1]",
+              filter_epochs=">= 1", filter_optimism="in [0, 1]", embed_dim=">= 1", beta="> 0", tau="> 0",
+              local_batch=">= 1", distill_epochs=">= 1", distill_batch=">= 1", lr="> 0", lr_llm="> 0",
+              max_new_tokens=">= 1", max_len=">= 16", eval_batch=">= 1", score_batch=">= 1", n_public=">= 1",
+              n_private=">= 1", n_test=">= 1", dirichlet="> 0", min_steps=">= 1", max_steps=">= 1", max_value=">= 10",
+              warm_llm=">= 1", warm_slm=">= 1", warm_batch=">= 1", warm_lr="> 0", seed="in [0, 2**32)",
+              data_seed="in [-1, 2**32)", private_only_share="in [0, 1]")
+RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 10": lambda v: v >= 10, ">= 16": lambda v: v >= 16,
+         "> 0": lambda v: v > 0, "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 2**32)": lambda v: 0 <= v < 2**32,
+         "in [-1, 2**32)": lambda v: -1 <= v < 2**32}
+
+
+def check_config(cfg):
+    """ValueError (one line naming the flag) for a value no run can use: out of RANGES, not finite,
+    min_budget > budget, min_steps > max_steps, an unknown device, dtype or party set, a path that is a file."""
+    for k, v in BASE.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):  # switches (e.g. --grad_ckpt) are not numbers
+            x, rule = cfg[k], RANGES.get(k, ">= 0")
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not RULES[rule](x):
+                raise ValueError(f"--{k} must be {'a finite number ' if isinstance(v, float) else 'an integer '}{rule}, got {x!r}")
+    for lo, hi in (("min_budget", "budget"), ("min_steps", "max_steps")):
+        if cfg[lo] > cfg[hi]:
+            raise ValueError(f"--{lo} {cfg[lo]} is larger than --{hi} {cfg[hi]}")
+    if cfg["parties"] not in PARTIES:
+        raise ValueError(f"--parties must be one of {', '.join(PARTIES)}, got {cfg['parties']!r}")
+    dev = cfg["device"]
+    if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {dev} asks for a GPU, but CUDA is not available here")
+    if Path(cfg["cache"]).exists() and not Path(cfg["cache"]).is_dir():
+        raise ValueError(f"--cache {cfg['cache']} is a file, not a directory")
+    if cfg["slms"] is not None and not all(d.strip() for d in cfg["slms"].split(",")):
+        raise ValueError(f"--slms {cfg['slms']!r} has an empty entry")
 
 
 # What a run takes where no GPU is found (measured: README "What to expect")
@@ -135,6 +173,11 @@ def send(msg: dict, kind: str, traffic: dict, direction: str) -> dict:
     extra = set(msg) - SCHEMA[kind]
     if extra:
         raise RuntimeError(f"message '{kind}' carries fields outside the protocol: {sorted(extra)}")
+    traffic[direction] = traffic.get(direction, 0) + message_bytes(msg)
+    return msg
+
+
+def message_bytes(msg: dict) -> int:
     n = 0
     for v in msg.values():
         if isinstance(v, dict):
@@ -142,9 +185,84 @@ def send(msg: dict, kind: str, traffic: dict, direction: str) -> dict:
         elif isinstance(v, torch.Tensor):
             n += 4 * v.numel()
         else:
-            n += sum(len(s.encode()) for s in v)
-    traffic[direction] = traffic.get(direction, 0) + n
-    return msg
+            n += sum(len(s.encode("utf-8", "surrogatepass")) if isinstance(s, str) else 4 for s in v)
+    return n
+
+
+# What a receiver accepts (`receive`): the fields of each kind (the gold NLLs only with fedmkt), what
+# each field holds, and the caps. A path has at most max_new_tokens tokens, so at most
+# MAX_CHARS_PER_TOKEN * max_new_tokens characters; a question at most MAX_CHARS_PER_TOKEN * max_len.
+FIELD_TYPE = {"questions": "question", "y_llm": "path", "y_slm": "path", "logp_llm_yllm": "logp",
+              "logp_slm_yslm": "logp", "logp_slm_yllm": "logp", "logp_llm_yslm": "logp", "nll_gold_llm": "nll",
+              "nll_gold_slm": "nll"}
+GOLD_FIELDS = {"nll_gold_llm", "nll_gold_slm"}
+MAX_CHARS_PER_TOKEN = 32
+MAX_MESSAGE_BYTES = 64 * 2**20  # a transport refuses a larger message before reading it
+
+
+class BadMessage(ValueError):
+    """A message its receiver refuses; the text says which field and why."""
+
+
+def receive(msg, kind: str, n_questions: int, cfg, known_questions=None) -> dict:
+    """The receiver's check of a message before any use of it; returns it (score lists as float
+    tensors) or raises BadMessage. Exactly the fields of `kind` for this method; each field one entry
+    per pooled question (n_questions, which the receiver knows itself); texts are str, at most
+    MAX_CHARS_PER_TOKEN * max_new_tokens characters a path and * max_len a question, questions among
+    known_questions (D_pub) when given; log-probs finite and <= 0, gold NLLs finite and >= 0; at most
+    MAX_MESSAGE_BYTES in all. The in-process loop calls it on every message; a transport calls it on
+    what arrives."""
+    if not isinstance(msg, dict):
+        raise BadMessage(f"'{kind}' is a {type(msg).__name__}, not a dict")
+    want = SCHEMA[kind] - (set() if METHODS[cfg["method"]][0] == "fedmkt" else GOLD_FIELDS)
+    missing, extra = want - set(msg), set(msg) - want
+    if missing or extra:
+        raise BadMessage(f"'{kind}' has " + "; ".join(
+            ([f"missing fields {sorted(missing)}"] if missing else []) +
+            ([f"fields outside the protocol {sorted(map(str, extra))}"] if extra else [])))
+    out = {}
+    for f in sorted(want):
+        v, typ = msg[f], FIELD_TYPE[f]
+        if typ in ("question", "path"):
+            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+                raise BadMessage(f"'{kind}'.{f} must be a list of strings")
+        else:
+            if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+                v = torch.tensor(v, dtype=torch.float32)
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 1:
+                raise BadMessage(f"'{kind}'.{f} must be a 1-D float tensor (or list of numbers)")
+        if len(v) != n_questions:
+            raise BadMessage(f"'{kind}'.{f} has {len(v)} entries for {n_questions} pooled questions")
+        out[f] = v
+    size = message_bytes(out)
+    if size > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"'{kind}' is {size / 2**20:.1f} MiB, above the cap of {MAX_MESSAGE_BYTES // 2**20} MiB")
+    for f, v in out.items():
+        typ = FIELD_TYPE[f]
+        if typ in ("question", "path"):
+            cap = MAX_CHARS_PER_TOKEN * cfg["max_new_tokens" if typ == "path" else "max_len"]
+            i = next((i for i, s in enumerate(v) if len(s) > cap), None)
+            if i is not None:
+                raise BadMessage(f"'{kind}'.{f}[{i}] has {len(v[i])} characters, above the cap of {cap}")
+            try:
+                for s in v:
+                    s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadMessage(f"'{kind}'.{f} holds text that is not valid Unicode") from None
+            if typ == "question" and known_questions is not None:
+                i = next((i for i, q in enumerate(v) if q not in known_questions), None)
+                if i is not None:
+                    raise BadMessage(f"'{kind}'.{f}[{i}] is not a public question")
+        else:
+            bad = ~torch.isfinite(v)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise BadMessage(f"'{kind}'.{f}[{i}] is {v[i].item()}, not a finite number")
+            wrong = v > 1e-3 if typ == "logp" else v < -1e-3  # a log-prob is <= 0, an NLL >= 0
+            if wrong.any():
+                i = int(wrong.nonzero()[0])
+                raise BadMessage(f"'{kind}'.{f}[{i}] is {v[i].item():.4g}, but a {'log-prob is <= 0' if typ == 'logp' else 'NLL is >= 0'}")
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -505,43 +623,77 @@ def server_learn(server, cfg, rng) -> dict:
 # Checkpoints: the last finished round, atomically; --resume continues from it
 
 def save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results):
-    from models import atomic_dir, commit_dir
+    """Everything needed to continue after round `rnd`: weights (safetensors), optimizer and filter
+    states (models.save_state: safetensors + JSON, no pickle), results and config. Written into a
+    temporary directory, then published in one step: out/ckpt becomes a link to out/ckpt.rNNNN
+    (models.commit_link), so out/ckpt is always a whole round, however the process dies."""
+    from models import atomic_dir, commit_link, crash_point, save_state
 
     tmp = atomic_dir(out / "ckpt")
     for n, m in models.items():
         m.save_pretrained(str(tmp / n), safe_serialization=True)
         toks[n].save_pretrained(str(tmp / n))
-    torch.save({"round": rnd, "opts": {n: o.state_dict() for n, o in opts.items()},
-                "filters": {k: f.state_dict() for k, f in filters.items()}}, tmp / "state.pt")
+    crash_point("checkpoint")  # weights written, states not yet
+    save_state({"round": rnd, "opts": {n: o.state_dict() for n, o in opts.items()},
+                "filters": {k: f.state_dict() for k, f in filters.items()}}, tmp / "state")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
-    commit_dir(tmp, out / "ckpt")
+    commit_link(tmp, out / "ckpt", f"r{rnd:04d}")
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
 
 
 def load_checkpoint(out, cfg, models, opts, filters):
-    """Restore the last finished round; refuse a checkpoint made with a different config."""
+    """Restore the last finished round; refuse a checkpoint made with a different config, and any
+    file that is not what save_checkpoint writes (one line naming it). Nothing is unpickled."""
     from lora import is_lora, load_adapters
-    from models import load_model
+    from models import StateError, load_model, load_state, remove_stale
 
     ck = out / "ckpt"
-    saved = json.loads((ck / "config.json").read_text())
+    if not ck.is_dir():
+        raise ValueError(f"{ck}: not a checkpoint directory (a link to a missing one?)")
+    if ck.is_symlink():
+        remove_stale(ck)  # what a killed save left: never loaded
+    if (ck / "state.pt").exists():
+        raise StateError(f"{ck / 'state.pt'}: a pickled state (written by an older version); it is not loaded, "
+                         "since unpickling can run code: continue with that version or start a new --out")
+    saved = _read_json(ck / "config.json")
+    if not isinstance(saved, dict):
+        raise StateError(f"{ck / 'config.json'}: not an object")
     saved = {**{k: v for k, v in BASE.items() if k not in saved}, **saved}  # keys added since: their defaults
     diff = sorted(k for k in set(saved) | set(cfg) if k not in RUN_KEYS and saved.get(k) != cfg.get(k))
     if diff:
         raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
                          "use another --out or the same flags")
+    results = _read_json(ck / "results.json")
+    state = load_state(ck / "state")
     for n in models:
         if is_lora(models[n]):  # the adapters (safetensors); the frozen base is as loaded
             load_adapters(models[n], ck / n)
             continue
         m, _ = load_model(ck / n, device=cfg["device"])
-        models[n].load_state_dict(m.state_dict())
-    state = torch.load(ck / "state.pt", weights_only=False)
-    for n, o in opts.items():
-        o.load_state_dict(state["opts"][n])
-    for k, f in filters.items():
-        f.load_state_dict(state["filters"][k])
-    return state["round"], json.loads((ck / "results.json").read_text())
+        try:
+            models[n].load_state_dict(m.state_dict())
+        except RuntimeError as e:
+            raise StateError(f"{ck / n}: does not fit this run's {n} ({str(e).splitlines()[0][:120]})") from None
+    try:  # whatever a damaged or crafted state trips over in the libraries' loaders: one line
+        rnd = state["round"]
+        if not isinstance(rnd, int) or not isinstance(results, dict) or len(results["rounds"]) != rnd:
+            raise ValueError("round number and results disagree")
+        for n, o in opts.items():
+            o.load_state_dict(state["opts"][n])
+        for k, f in filters.items():
+            f.load_state_dict(state["filters"][k])
+    except Exception as e:
+        raise StateError(f"{ck / 'state.json'}: does not fit this run ({type(e).__name__}: {str(e)[:120]})") from None
+    return rnd, results
 
 
 def write_report(out, results):
@@ -641,7 +793,8 @@ def open_run(cfg):
     from distill import autocast
 
     out = Path(cfg["out"])
-    if (out / "ckpt").exists() and not cfg["resume"]:
+    has_ckpt = (out / "ckpt").is_symlink() or (out / "ckpt").exists()
+    if has_ckpt and not cfg["resume"]:
         raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(cfg), flush=True)
@@ -687,6 +840,8 @@ def round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times):
 
 
 def run(cfg):
+    from models import crash_point
+
     out, amp = open_run(cfg)
     dev = cfg["device"]
     alloc, _ = METHODS[cfg["method"]]
@@ -715,7 +870,7 @@ def run(cfg):
 
 
     start = 0
-    if cfg["resume"] and (out / "ckpt").exists():
+    if cfg["resume"] and has_ckpt:
         start, results = load_checkpoint(out, cfg, models, opts, filters)
         print(f"resuming after round {start}")
     else:
@@ -748,12 +903,16 @@ def run(cfg):
                 with phase(times, "2 server_offer", dev):
                     offer = server_offer(server, cfg, rnd, rng["llm"])
                 for k, c in enumerate(clients):
-                    try:  # a failing client is logged and skipped; the round goes on for the others
-                        msg = send(offer, "pool", traffic, "down")
+                    try:  # a failing client (or a refused message) is logged and skipped; the round goes on
+                        msg = receive(send(offer, "pool", traffic, "down"), "pool", min(cfg["pool_size"], len(c.public)), cfg,
+                                      c.gold)
                         with phase(times, "3 client_answer", dev):
                             reply = send(client_answer(c, msg, cfg, rnd, k), "client_paths", traffic, "up")
+                        reply = receive(reply, "client_paths", len(server.state["qs"]), cfg)
+                        crash_point("round")
                         with phase(times, "4 server_score", dev):
                             score_msg = send(server_score(server, c.name, reply, cfg), "llm_score", traffic, "down")
+                        score_msg = receive(score_msg, "llm_score", len(msg["questions"]), cfg)
                         with phase(times, "5-7 client_learn", dev):
                             got = client_learn(c, msg, score_msg, cfg, rng[c.name])
                         selected[f"down/{c.name}"] = got["selected"]
@@ -882,10 +1041,12 @@ def main(argv=None):
 
     try:
         cfg, notice = config_from_flags(argv)
+        if Path(cfg["out"]).exists() and not Path(cfg["out"]).is_dir():
+            raise ValueError(f"--out {cfg['out']} is a file, not a directory")
         if notice:
             print(notice, file=sys.stderr, flush=True)
         run(cfg)
-    except (DataError, ModelError, ValueError, FileNotFoundError) as e:
+    except (DataError, ModelError, ValueError, OSError) as e:  # OSError: a path that cannot be read or written
         print(f"federated.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

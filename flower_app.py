@@ -182,7 +182,7 @@ def save_work(cdir, party, rnd, rng, offer, report):
 
 
 def load_work(cdir, party, rnd):
-    w = torch.load(cdir / "work.pt", weights_only=False)
+    w = torch.load(cdir / "work.pt", weights_only=True)  # tensors and plain containers only: nothing unpickled runs code
     if w["round"] != rnd:
         raise RuntimeError(f"{cdir}: the work in progress is of round {w['round']}, not {rnd}")
     party.model.load_state_dict(w["model"])
@@ -199,10 +199,13 @@ def finish(cfg, party, cdir, rnd, report) -> dict:
     """The client's end of round: its evaluation and its checkpoint (the one before kept as prev/)."""
     with autocast_of(cfg):
         report["eval"] = F.evaluate(cfg, party, rnd)
-    if (cdir / "ckpt").exists():
+    ck = cdir / "ckpt"
+    if ck.exists():  # keep the round before as prev/ckpt: the directory that the link ckpt names
         shutil.rmtree(cdir / "prev", ignore_errors=True)
         (cdir / "prev").mkdir()
-        os.replace(cdir / "ckpt", cdir / "prev" / "ckpt")
+        os.replace(ck.resolve(), cdir / "prev" / "ckpt")
+        if ck.is_symlink():
+            ck.unlink()
     n = party.name
     F.save_checkpoint(cdir, cfg, rnd, {n: party.model}, {n: party.tok}, {n: party.opt}, down_filters(party),
                       {"party": n, "round": rnd, "report": report})

@@ -76,6 +76,9 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(models.ModelError, match="not a model directory"):
         models.load_model(tmp_path)
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelError, match="no model.safetensors"):
+        models.load_model(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(models.ModelError, match="cannot load model"):
         models.load_model(tmp_path)
 
