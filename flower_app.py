@@ -276,9 +276,10 @@ def stage_answer(cfg, name, cdir, meta, got):
         party, rng, report = start_round(cfg, name, cdir, rnd)
     if "pool" not in got:
         return dict(report=finish(cfg, party, cdir, rnd, report)), {}
+    pool = F.receive(got["pool"], "pool", min(cfg["pool_size"], len(party.public)), cfg, party.gold)  # checked first
     with autocast_of(cfg):
-        reply = F.client_answer(party, got["pool"], cfg, rnd, int(name[3:]) - 1)
-    save_work(cdir, party, rnd, rng, got["pool"], report)
+        reply = F.client_answer(party, pool, cfg, rnd, int(name[3:]) - 1)
+    save_work(cdir, party, rnd, rng, pool, report)
     return dict(report=report), {"client_paths": reply}
 
 
@@ -287,8 +288,9 @@ def stage_learn(cfg, name, cdir, meta, got):
     rnd = meta["round"]
     party = client_party(cfg, name)
     rng, offer, report = load_work(cdir, party, rnd)
+    score = F.receive(got["llm_score"], "llm_score", len(offer["questions"]), cfg)  # checked first
     with autocast_of(cfg):
-        learned = F.client_learn(party, offer, got["llm_score"], cfg, rng)
+        learned = F.client_learn(party, offer, score, cfg, rng)
     report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"])
     return dict(report=finish(cfg, party, cdir, rnd, report)), {}
 
@@ -474,7 +476,8 @@ def serve(grid: Grid, context: Context) -> None:
                 scores = {}
                 for n, (_, msgs) in got.items():
                     try:
-                        reply = F.send(msgs["client_paths"], "client_paths", traffic, "up")
+                        reply = F.receive(F.send(msgs["client_paths"], "client_paths", traffic, "up"), "client_paths",
+                                          len(server.state["qs"]), cfg)  # checked before any use
                         with F.phase(times, "4 server_score", dev):
                             scores[n] = {"llm_score": F.send(F.server_score(server, n, reply, cfg), "llm_score",
                                                              traffic, "down")}
