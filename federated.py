@@ -870,7 +870,7 @@ def run(cfg):
 
 
     start = 0
-    if cfg["resume"] and has_ckpt:
+    if cfg["resume"] and ((out / "ckpt").is_symlink() or (out / "ckpt").exists()):
         start, results = load_checkpoint(out, cfg, models, opts, filters)
         print(f"resuming after round {start}")
     else:
