@@ -163,7 +163,7 @@ def table(runs: dict, title: str) -> list[str]:
     warm = {s: dict(r, rounds=[]) for s, r in any_run.items()}
     cols = parties + ["SLM mean", "MB/round", "s/run"]
     sizes = ", ".join(f"{p} {len(r0['initial_correct'][p])}" for p in parties)
-    md = [f"\n**{title}** ({len(any_run)} seed(s); final accuracy %, mean ± std over seeds; test problems: {sizes})\n",
+    md = [f"\n**{title}** ({len(any_run)} seed(s); final accuracy %, mean ± std over seeds; problems per set: {sizes})\n",
           "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, rs in [("after warm-up", warm)] + list(runs.items()):
         cells = [acc_cell(rs, p) for p in parties] + [slm_mean(rs)]
@@ -206,6 +206,8 @@ def hypotheses(res_dir: Path) -> list[str]:
             ci = gap_closing(gap)
             rows.append(("H5b one2one", "the filter closes it: (mid − large) with lada − (mid − large) with lada-loss",
                          ci, verdict(ci, -1)))
+    if not rows:
+        return []
     md = ["\n**Hypotheses** (pre-registered in the README; paired difference of final accuracy in points, "
           "95% bootstrap interval over seeds and test problems; rule: supported if the interval excludes 0 on "
           "the predicted side)\n", "| | difference | estimate [95% CI] | seeds | verdict |", "|---|---|---|---|---|"]
@@ -267,6 +269,8 @@ def plot(res_dir: Path, scenario="hetero"):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    if not any(runs_of(res_dir, scenario, m) for m in ORDER):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for m in ORDER:

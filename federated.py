@@ -685,7 +685,10 @@ def load_checkpoint(out, cfg, models, opts, filters):
             raise StateError(f"{ck / n}: does not fit this run's {n} ({str(e).splitlines()[0][:120]})") from None
     try:  # whatever a damaged or crafted state trips over in the libraries' loaders: one line
         rnd = state["round"]
-        if not isinstance(rnd, int) or not isinstance(results, dict) or len(results["rounds"]) != rnd:
+        if not isinstance(results, dict):
+            raise ValueError("results.json is not an object")
+        got = len(results["rounds"]) if "rounds" in results else results.get("round")  # a Flower client's: {"round", ...}
+        if not isinstance(rnd, int) or got != rnd:
             raise ValueError("round number and results disagree")
         for n, o in opts.items():
             o.load_state_dict(state["opts"][n])

@@ -375,7 +375,7 @@ def numeric_flag_cases():
     top), a non-number; plus the relations between flags."""
     cases = []
     for k, v in federated.BASE.items():
-        if not isinstance(v, (int, float)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):  # switches (--grad_ckpt) take no value
             continue
         rule = federated.RANGES.get(k, ">= 0")
         low = {">= 0": -1, ">= 1": 0, ">= 10": 9, ">= 16": 15, "> 0": 0, "in [0, 1]": -0.5,
@@ -482,11 +482,11 @@ def model_dir_cases(d: Path):
         "missing": (d / "missing", "missing: not a model directory (no config.json)"),
         "file": (d / "a_file", "a_file: not a model directory"),
         "empty": ((d / "empty").mkdir() or d / "empty", "empty: not a model directory"),
-        "config_garbage": (variant("config_garbage", lambda p: (p / "config.json").write_text("{oops")), "cannot load model"),
-        "config_list": (variant("config_list", lambda p: (p / "config.json").write_text("[1, 2]")), "cannot load model"),
-        "config_empty": (variant("config_empty", lambda p: (p / "config.json").write_text("{}")), "cannot load model"),
+        "config_garbage": (variant("config_garbage", lambda p: (p / "config.json").write_text("{oops")), "config.json"),
+        "config_list": (variant("config_list", lambda p: (p / "config.json").write_text("[1, 2]")), "config.json"),
+        "config_empty": (variant("config_empty", lambda p: (p / "config.json").write_text("{}")), "config.json"),
         "config_unknown": (variant("config_unknown", lambda p: (p / "config.json").write_text('{"model_type": "nope"}')),
-                           "cannot load model"),
+                           "config.json"),
         "no_weights": (variant("no_weights", lambda p: (p / "model.safetensors").unlink()), "no model.safetensors"),
         "pickle_weights": (variant("pickle_weights", lambda p: ((p / "model.safetensors").rename(p / "pytorch_model.bin"))),
                            "pytorch_model.bin is a pickle"),
