@@ -96,6 +96,22 @@ def slms(res):
     return [p for p in res["initial_correct"] if not p.startswith("llm")]
 
 
+def bootstrap(d, n_boot=2000, seed=0):
+    """(mean, lo, hi, n_seeds) in points of per-problem differences d[seed][party] (arrays): the mean
+    over seeds of the mean over parties, and its 95% interval from a bootstrap that resamples seeds,
+    then each party's problems within a seed."""
+    rng = np.random.default_rng(seed)
+    point = np.mean([np.mean([x.mean() for x in ds]) for ds in d])
+    # draw[j][s]: n_boot resampled party-mean differences of seed s, for the j-th seed slot of a replicate
+    # (independent across slots, so a seed drawn twice gets two independent problem resamples)
+    draw = [[np.mean([x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) for x in d[s]], 0) for s in range(len(d))]
+            for _ in range(len(d))]
+    chosen = rng.integers(0, len(d), (n_boot, len(d)))
+    boots = np.mean([np.array(draw[j])[chosen[:, j], np.arange(n_boot)] for j in range(len(d))], 0)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return 100 * point, 100 * lo, 100 * hi, len(d)
+
+
 def paired(runs_a, runs_b, parties, n_boot=2000, seed=0):
     """Mean over seeds and parties of accuracy(A) - accuracy(B), and its 95% interval from a bootstrap
     that resamples seeds, then each party's test problems within a seed. runs_x: {seed: results}.
@@ -106,16 +122,7 @@ def paired(runs_a, runs_b, parties, n_boot=2000, seed=0):
     d = [[correct(runs_a[s], p).astype(float) - correct(runs_b[s], p) for p in parties(runs_a[s])] for s in seeds]
     if not all(d):  # e.g. no private-only domain in these runs
         return None
-    rng = np.random.default_rng(seed)
-    point = np.mean([np.mean([x.mean() for x in ds]) for ds in d])
-    # draw[j][s]: n_boot resampled party-mean differences of seed s, for the j-th seed slot of a replicate
-    # (independent across slots, so a seed drawn twice gets two independent problem resamples)
-    draw = [[np.mean([x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1) for x in d[s]], 0) for s in range(len(seeds))]
-            for _ in range(len(seeds))]
-    chosen = rng.integers(0, len(seeds), (n_boot, len(seeds)))
-    boots = np.mean([np.array(draw[j])[chosen[:, j], np.arange(n_boot)] for j in range(len(seeds))], 0)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return 100 * point, 100 * lo, 100 * hi, len(seeds)
+    return bootstrap(d, n_boot, seed)
 
 
 def verdict(ci, direction=+1):
@@ -222,13 +229,7 @@ def gap_closing(gap, n_boot=2000, seed=0):
     vec = {k: [correct(v[s], "slm1").astype(float) for s in seeds] for k, v in gap.items()}
     dd = [vec[("mid", "lada")][i] - vec[("large", "lada")][i] - vec[("mid", "lada-loss")][i] + vec[("large", "lada-loss")][i]
           for i in range(len(seeds))]
-    rng = np.random.default_rng(seed)
-    draw = [[dd[s][rng.integers(0, len(dd[s]), (n_boot, len(dd[s])))].mean(1) for s in range(len(seeds))]
-            for _ in range(len(seeds))]
-    chosen = rng.integers(0, len(seeds), (n_boot, len(seeds)))
-    boots = np.mean([np.array(draw[j])[chosen[:, j], np.arange(n_boot)] for j in range(len(seeds))], 0)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return 100 * np.mean([x.mean() for x in dd]), 100 * lo, 100 * hi, len(seeds)
+    return bootstrap([[x] for x in dd], n_boot, seed)
 
 
 def headroom(res_dir: Path):
