@@ -304,20 +304,19 @@ def party_specs(cfg):
 
 class Party:
     """One party of spec §2: its model, tokenizer and optimizer, its local data (tokenized once), its
-    test set, and the filters that live with it (each filter lives with its student). `state` holds
+    evaluation sets ({key: examples}, `eval_sets`), and the filters that live with it (each filter lives with its student). `state` holds
     what the party computed this round and keeps to itself (its own paths and their scores)."""
 
-    def __init__(self, name, model, tok, cfg, local, test, public, info):
+    def __init__(self, name, model, tok, cfg, local, evals, public, info):
         from distill import TokenizedSet, make_optimizer
 
-        self.name, self.model, self.tok, self.info, self.test = name, model, tok, info, test
+        self.name, self.model, self.tok, self.info, self.evals = name, model, tok, info, evals
         self.opt = make_optimizer(model, cfg["lr_llm"] if name == "llm" else cfg["lr"])
         self.local = TokenizedSet(tok, local, cfg["max_len"], name=name)  # D_pub for the LLM, D_k for client k
         self.public = public  # D_pub is held by the server and visible to all [host]
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
         self.filters, self.state = {}, {}
         self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
-        self.evals = {name: test}  # what `evaluate` scores (build_parties: `eval_sets`)
 
 
 def build_parties(cfg, splits, only=None) -> dict:
@@ -375,9 +374,7 @@ def build_parties(cfg, splits, only=None) -> dict:
         if cfg["lora"]:
             info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         local = with_solutions(splits["public"]) if name == "llm" else splits["clients"][k - 1]["private"]
-        test = splits["public_test"] if name == "llm" else splits["clients"][k - 1]["test"]
-        parties[name] = Party(name, model, tok, cfg, local, test, splits["public"], info)
-        parties[name].evals = eval_sets(cfg, splits, name)
+        parties[name] = Party(name, model, tok, cfg, local, eval_sets(cfg, splits, name), splits["public"], info)
     return parties
 
 

@@ -160,7 +160,7 @@ def parties(tmp_path):
     made = {}
     for name, zoo, kind in [("llm", "llama-tiny", ("bpe", 280)), ("slm1", "gpt2-tiny", ("char",))]:
         model, tok = models.new_party(zoo, kind, corpus, seed=1)
-        made[name] = federated.Party(name, model, tok, cfg, public, public, public, {})
+        made[name] = federated.Party(name, model, tok, cfg, public, {name: public}, public, {})
     return cfg, made["llm"], made["slm1"]
 
 
