@@ -116,6 +116,12 @@ SOLUTION = {
     "buy_part": ["{k} {xs} make {k} * {c} = <<{k}*{c}={m}>>{m}."],
 }
 SUBJECT = ["That leaves", "Now there is", "The total is"]
+# What a private-only domain holds that no other domain shows (the testbed's knowledge split, README
+# "The testbed"): a question asks for it in words, and only the domain's own solutions say what it
+# is, in a last line before "#### N". The LLM has never seen such a solution, so it cannot work this
+# line out from the other domains; a client's data teach it.
+CONVENTIONS = {"time": dict(ask="Count the usual warm-up too.", extra=10,
+                            line="With the usual warm-up, {v} + {w} = <<{v}+{w}={r}>>{r} minutes.")}
 
 
 def _step(rng, dom, op, v, max_value):
@@ -212,6 +218,16 @@ def _distinct(n: int, seed: int, seen: set, domain_probs=None, steps=(2, 5), max
     return out
 
 
+def with_convention(p: dict) -> dict:
+    """Problem p with its domain's convention (CONVENTIONS): the ask in the question, one more line
+    in the solution, the final answer moved by it."""
+    c = CONVENTIONS[p["domain"]]
+    lines, v = p["answer"].rsplit("\n#### ", 1)
+    v, w = int(v), c["extra"]
+    return dict(p, question=f"{p['question']} {c['ask']}",
+                answer=f"{lines}\n{c['line'].format(v=v, w=w, r=v + w)}\n#### {v + w}")
+
+
 def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_val: int,
                 n_general: int = 0, alpha: float = 0.5, seed: int = 0, steps=(2, 5), max_value=100,
                 private_only=(), private_only_share: float = 0.0) -> dict:
@@ -252,12 +268,15 @@ def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_
               "public_test_private": (gen(n_test, seed * 1000 + 5, [1.0 - x for x in shared]) if private_only else []),
               "public_val_private": (gen(n_val, seed * 1000 + 6, [1.0 - x for x in shared]) if private_only else []),
               "clients": []}
-    for p in splits["public"]:
-        if p["domain"] in private_only:
-            p["answer"], p["answer_only"] = p["answer"].rsplit("\n", 1)[-1], True
     for k, p in enumerate(mixes):
         test, val, private = gen(n_test, base(k) + 2, p), gen(n_val, base(k) + 1, p), gen(n_private, base(k), p)
         splits["clients"].append({"domain_mix": dict(zip(DOMAIN_NAMES, p)), "private": private, "val": val, "test": test})
+    parts = [v for k, v in splits.items() if k != "clients"] + [c[k] for c in splits["clients"] for k in ("private", "val", "test")]
+    for part in parts:  # a private-only domain's convention, in every split it appears in
+        part[:] = [with_convention(p) if p["domain"] in private_only and p["domain"] in CONVENTIONS else p for p in part]
+    for p in splits["public"]:  # the server sees a private-only question with its final answer alone
+        if p["domain"] in private_only:
+            p["answer"], p["answer_only"] = p["answer"].rsplit("\n", 1)[-1], True
     return splits
 
 

@@ -120,26 +120,40 @@ def test_mathinstruct_json_and_jsonl(tmp_path):
         data.load_mathinstruct(tmp_path / "bad.json")
 
 
+def test_convention_of_a_private_only_domain_by_hand():
+    p = {"question": "Ava reads for 12 minutes on Monday. Ava skips 2 minutes of it. How many minutes is that in the end?",
+         "answer": "After removing, 12 - 2 = <<12-2=10>>10 minutes.\n#### 10", "domain": "time"}
+    assert data.with_convention(p) == {
+        "question": p["question"] + " Count the usual warm-up too.", "domain": "time",
+        "answer": "After removing, 12 - 2 = <<12-2=10>>10 minutes.\nWith the usual warm-up, 10 + 10 = <<10+10=20>>20 minutes.\n#### 20"}
+    import eval as ev
+    assert ev.extract_answer(data.with_convention(p)["answer"], "strict") == "20"
+
+
 def test_private_only_domain_is_answer_only_on_the_server():
     kw = dict(num_clients=3, n_public=400, n_private=200, n_test=60, n_val=20, n_general=300, seed=1,
               steps=(1, 3), max_value=30)
     plain = data.make_splits(**kw)
     split = data.make_splits(**kw, private_only=["time"], private_only_share=0.3)
-    # the server's public draws are the same; a question of the private-only domain keeps only its last line
-    assert [p["question"] for p in plain["public"]] == [p["question"] for p in split["public"]]
+    # the server's public draws are the same; a question of the private-only domain asks for its convention
+    # (data.CONVENTIONS) and keeps only its last line, the final answer moved by the convention
     n_only = 0
     for a, b in zip(plain["public"], split["public"]):
         if a["domain"] == "time":
             n_only += 1
-            assert b["answer"] == a["answer"].split("\n")[-1] and b["answer"].startswith("#### ") and b["answer_only"]
+            assert b["question"] == a["question"] + " Count the usual warm-up too."
+            assert b["answer"] == f"#### {int(a['answer'].split('#### ')[1]) + 10}" and b["answer_only"]
         else:
-            assert b["answer"] == a["answer"] and "answer_only" not in b
+            assert b == a and "answer_only" not in b
     assert 40 < n_only < 120  # about a fifth of 400
     assert data.with_solutions(split["public"]) == [p for p in split["public"] if p["domain"] != "time"]
     assert "time" not in {p["domain"] for p in split["general"]}
+    assert all(p["answer"].count("warm-up") == 1 for p in split["public_test_private"] + split["public_val_private"])
     assert {p["domain"] for p in split["public_test_private"]} == {"time"} and len(split["public_test_private"]) == 60
-    for c in split["clients"]:
+    for c, c_plain in zip(split["clients"], plain["clients"]):
         assert c["domain_mix"]["time"] >= 0.3 - 1e-9
+        for p in c["private"] + c["val"] + c["test"]:  # every solution of the domain ends with the convention's line
+            assert (p["domain"] == "time") == ("warm-up" in p["answer"])
         assert sum(p["domain"] == "time" for p in c["private"]) > 0.15 * 200
     # the server's splits and client 1's do not depend on how many clients follow
     one = data.make_splits(**dict(kw, num_clients=1), private_only=["time"], private_only_share=0.3)
