@@ -56,7 +56,8 @@ PRESETS = {
                 eval_batch=128, score_batch=128),
     # the testbed of the comparison (README "The testbed"): scarce private data, a domain only the clients
     # know, 1-3-step problems the SLMs learn in part, a budget of an eighth of the pool
-    "testbed": dict(parties="cpu", rounds=5, pool_size=128, budget=16, min_budget=4, local_steps=10, local_batch=32,
+    "testbed": dict(parties="testbed", rounds=5, pool_size=128, budget=16, min_budget=4, local_steps=10, local_batch=32,
+                    distill_epochs=8,
                     lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
                     warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128),
@@ -71,6 +72,8 @@ PARTIES = {
                 hetero=[("qwen2-3m", ("bpe", 640)), ("gpt2-2m", ("bpe", 400)), ("llama-1m", ("char",))]),
     "cpu": dict(llm=("llama-cpu-l", ("bpe", 1024)), mid=("llama-cpu-m", ("bpe", 1024)),
                 hetero=[("qwen2-cpu-s", ("bpe", 384)), ("gpt2-cpu-s", ("bpe", 320)), ("llama-cpu-s", ("char",))]),
+    "testbed": dict(llm=("llama-cpu-l", ("bpe", 1024)), mid=("llama-cpu-m", ("bpe", 1024)),
+                    hetero=[("qwen2-tb", ("bpe", 384)), ("gpt2-tb", ("bpe", 320)), ("llama-tb", ("char",))]),
     "smoke": dict(llm=("llama-tiny", ("bpe", 300)), mid=("llama-tiny", ("bpe", 300)),
                   hetero=[("qwen2-tiny", ("bpe", 280)), ("gpt2-tiny", ("bpe", 260)), ("llama-tiny", ("char",))]),
 }

@@ -1,16 +1,20 @@
-"""The default preset's warm-up on a GPU, taken apart: does it learn, and where do its steps go.
+"""The default preset's warm-up on a GPU, taken apart: does it learn, does generation agree with itself, where do steps go.
 
-    python results/gpu/diagnose.py [--parties slm3,llm] [--steps 300] [--profile 20]
+    python results/gpu/diagnose.py [--parties slm3,llm] [--steps 300] [--eval 32] [--profile 20]
 
 On 2026-11-26 (H200, results/gpu/h200_2026-11-26/) the default preset's warm-ups ended at batch
 losses of 0.29 (llm) and 1.1-1.7 (SLMs), every party then solved 0-3% of its test problems, and a
-step took about 40 ms whatever the model's size. This script runs the first `--steps` steps of one
-party's warm-up, with the data, seed, initialization, batch order and learning-rate schedule of
-that run, under each of: bf16 autocast + Triton head (the default), bf16 + torch head, fp32 +
-Triton head, fp32 + torch head; it prints the mean batch loss of each block of 50 steps and the
-milliseconds per step. The same first steps on a CPU in fp32 (`--device cpu --modes fp32-torch`)
-give the reference. Then (`--profile N`) it profiles N steps of the default mode and prints the
-ops that take the most CUDA and CPU time.
+step took about 40 ms whatever the model's size; the same slm3 warm-up on a CPU in fp32 had loss
+0.52 on the batch of step 150, where the H200 printed 1.78 (results/gpu/cpu_reference/).
+
+This script runs the first `--steps` steps of a party's warm-up, with the data, seed,
+initialization, batch order and learning-rate schedule of that run, under each of: bf16 autocast +
+Triton head (the default), bf16 + torch head, fp32 + Triton head, fp32 + torch head; it prints
+the mean batch loss of each block of 50 steps and the milliseconds per step. After the default
+mode it generates greedy paths for `--eval` validation problems in one left-padded batch and one
+by one (they should agree). Then (`--profile N`) it profiles N steps of the default mode and prints
+the ops that take the most GPU and CPU time. `--device cpu --modes fp32-torch` gives the CPU
+reference of the losses.
 """
 
 import argparse
@@ -23,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 import distill  # noqa: E402
+import eval as ev  # noqa: E402
 import federated as F  # noqa: E402
 
 MODES = {"bf16-triton": ("bf16", "triton"), "bf16-torch": ("bf16", "torch"),
@@ -33,15 +38,21 @@ class Stop(Exception):
     pass
 
 
+def sync(cfg):
+    if cfg["device"].startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def first_steps(cfg, splits, name, steps, dtype, kernel):
-    """Losses of the first `steps` warm-up steps of party `name` (the real warm_up, stopped early)."""
+    """(losses of the first `steps` warm-up steps of party `name`, ms per step over steps 2..steps,
+    model, tokenizer): the real warm_up (distill.warm_up via federated.build_parties), stopped early."""
     os.environ["LADA_KERNEL"] = kernel
-    losses, sft, times = [], distill.sft_loss, []
+    losses, times, held = [], [], {}
+    sft, warm_up = distill.sft_loss, distill.warm_up
 
     def recording(model, enc):
         if len(losses) in (1, steps - 1):  # time steps 2..steps (the first compiles kernels)
-            if cfg["device"].startswith("cuda"):
-                torch.cuda.synchronize()
+            sync(cfg)
             times.append(time.time())
         loss = sft(model, enc)
         losses.append(loss.detach())
@@ -51,7 +62,11 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
         if len(losses) >= steps:
             raise Stop
 
-    distill.sft_loss, distill.crash_point = recording, stop_at
+    def holding(model, tokenizer, *args, **kw):
+        held.update(model=model, tok=tokenizer)
+        return warm_up(model, tokenizer, *args, **kw)
+
+    distill.sft_loss, distill.crash_point, distill.warm_up = recording, stop_at, holding
     cfg = dict(cfg, dtype=dtype, cache=os.path.join(cfg["cache"], f"{dtype}-{kernel}-{time.time_ns()}"))
     try:
         with distill.autocast(cfg["device"], dtype):
@@ -59,18 +74,31 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
     except Stop:
         pass
     finally:
-        distill.sft_loss = sft
+        distill.sft_loss, distill.warm_up = sft, warm_up
     ms = (times[-1] - times[0]) / max(1, steps - 2) * 1e3 if len(times) == 2 else float("nan")
-    return [float(x) for x in torch.stack(losses).cpu()], ms
+    return [float(x) for x in torch.stack(losses).cpu()], ms, held["model"], held["tok"]
+
+
+def padding_check(cfg, splits, name, model, tok, n):
+    """Greedy paths of n validation problems in one left-padded batch and one by one."""
+    probs = (splits["public_val"] if name == "llm" else splits["clients"][int(name[3:]) - 1]["val"])[:n]
+    prompts = [ev.format_prompt(p["question"]) for p in probs]
+    with distill.autocast(cfg["device"], cfg["dtype"]):
+        batched = ev.generate(model, tok, prompts, max_new_tokens=cfg["max_new_tokens"], batch_size=n, device=cfg["device"])
+        single = [ev.generate(model, tok, [q], max_new_tokens=cfg["max_new_tokens"], batch_size=1, device=cfg["device"])[0]
+                  for q in prompts]
+    same = sum(a == b for a, b in zip(batched, single))
+    correct = lambda paths: sum(ev.is_correct(y, p["answer"]) for y, p in zip(paths, probs))  # noqa: E731
+    print(f"{name} generation: {same}/{n} paths equal batched and one by one; correct {correct(batched)} vs "
+          f"{correct(single)} of {n}; first path one by one: {single[0][:160]!r}", flush=True)
 
 
 def profile(cfg, splits, name, steps):
     from torch.profiler import ProfilerActivity, profile as prof
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cfg["device"].startswith("cuda") else [])
-    with prof(activities=acts) as p:
-        first_steps(cfg, splits, name, steps, cfg["dtype"], "triton" if cfg["device"].startswith("cuda") else "torch")
-    key = "self_cuda_time_total" if cfg["device"].startswith("cuda") else "self_cpu_time_total"
-    print(p.key_averages().table(sort_by=key, row_limit=25))
+    cuda = cfg["device"].startswith("cuda")
+    with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+        first_steps(cfg, splits, name, steps, cfg["dtype"], "triton" if cuda else "torch")
+    print(p.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
 
@@ -80,6 +108,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval", type=int, default=32, help="problems for the padding check (0: none)")
     ap.add_argument("--profile", type=int, default=20, help="steps to profile (0: none)")
     ap.add_argument("--cache", default="/tmp/diagnose_cache")
     args = ap.parse_args()
@@ -88,10 +117,12 @@ def main():
     splits = F.make_data(cfg, 3)
     for name in args.parties.split(","):
         for mode in args.modes.split(","):
-            losses, ms = first_steps(cfg, splits, name, args.steps, *MODES[mode])
+            losses, ms, model, tok = first_steps(cfg, splits, name, args.steps, *MODES[mode])
             blocks = [sum(losses[i:i + 50]) / len(losses[i:i + 50]) for i in range(0, len(losses), 50)]
             print(f"{name} {mode:>11}: {ms:6.1f} ms/step (steps 2-{len(losses)}); "
                   f"mean loss per 50 steps: {' '.join(f'{b:.3f}' for b in blocks)}", flush=True)
+            if args.eval and mode == args.modes.split(",")[0]:
+                padding_check(cfg, splits, name, model, tok, args.eval)
         if args.profile:
             profile(cfg, splits, name, args.profile)
 
