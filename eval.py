@@ -16,9 +16,11 @@ CLI (a held-out GSM8K-format file and a model directory saved by models.py):
 """
 
 import argparse
+import ast
 import re
 import sys
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -40,7 +42,9 @@ STRICT_RE = re.compile(r"####[ \t]*(" + NUMBER + ")")  # GSM8K: "#### 1,234"
 # answer cues a model may use instead of "####", on the same line as the number
 CUE_RE = re.compile(r"(?:\banswer[ \t]+is|\banswer[ \t]*:|\bA:)[ \t]*:?[ \t]*(" + NUMBER + ")", re.IGNORECASE)
 ANSWER_LINE_RE = re.compile(r"####[^\n]*\n")  # a path ends with the first "####" line
-MODES = ("strict", "flexible")
+MODES = ("strict", "flexible", "checked")
+# a calculator annotation as GSM8K writes it: "<<48/2=24>>"
+ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 
 
 def _normalize(number: str) -> str | None:
@@ -53,16 +57,48 @@ def _normalize(number: str) -> str | None:
     return "0" if out == "-0" else out
 
 
+def _value(node) -> Fraction:
+    """Exact value of an arithmetic expression tree of numbers, + - * / // and unary minus."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _value(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: Fraction(a // b)}  # ZeroDivisionError: the caller's
+    if isinstance(node, ast.BinOp) and type(node.op) in ops:
+        return ops[type(node.op)](_value(node.left), _value(node.right))
+    raise ValueError("not plain arithmetic")
+
+
+def annotations_hold(text: str) -> bool:
+    """Does every calculator annotation "<<expression=result>>" in text compute? (True with none.)"""
+    for body in ANNOTATION_RE.findall(text):
+        expr, eq, result = body.rpartition("=")
+        if not eq or len(body) > 200:
+            return False
+        try:
+            if _value(ast.parse(expr.replace(",", ""), mode="eval").body) != Fraction(result.replace(",", "").strip()):
+                return False
+        except (SyntaxError, ValueError, ZeroDivisionError, TypeError, RecursionError):
+            return False
+    return True
+
+
 def extract_answer(text: str, mode: str = "flexible") -> str | None:
     """The final numeric answer of `text` as a normalized string, or None if there is none.
     strict: the first "#### N". flexible: "#### N", else the last "The answer is N" / "Answer: N" /
-    "A: N", else the last number anywhere in the text."""
+    "A: N", else the last number anywhere in the text. checked: strict's, and only if every
+    calculator annotation of the text computes (`annotations_hold`): in a small answer space a
+    garbled path often ends in the right number by chance (README "The testbed")."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {MODES}")
     m = STRICT_RE.search(text)
+    if mode == "checked" and not annotations_hold(text):
+        return None
     if m:
         return _normalize(m.group(1))
-    if mode == "strict":
+    if mode in ("strict", "checked"):
         return None
     cues = CUE_RE.findall(text)
     if cues:

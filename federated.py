@@ -43,7 +43,7 @@ BASE = dict(
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
     private_only="", private_only_share=0.3,  # the testbed's knowledge split (data.make_splits); "" = none
-    eval_subset=0, counts_from="", eval_split="test",  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
+    eval_subset=0, counts_from="", eval_split="test", grading="flexible",  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
     parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
@@ -60,7 +60,8 @@ PRESETS = {
                     distill_epochs=8,
                     lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
-                    warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128),
+                    warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128,
+                    grading="checked"),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
@@ -106,6 +107,8 @@ def resolve_config(args) -> dict:
         raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
     if cfg["counts_from"] and (cfg["method"] != "random" or not Path(cfg["counts_from"]).is_file()):
         raise ValueError(f"--counts_from {cfg['counts_from']}: needs --method random and a results.json of a run")
+    if cfg["grading"] not in ("flexible", "strict", "checked"):
+        raise ValueError(f"--grading must be flexible, strict or checked, got {cfg['grading']!r}")
     if cfg["eval_split"] not in ("test", "val"):
         raise ValueError(f"--eval_split must be test or val, got {cfg['eval_split']!r}")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
@@ -318,6 +321,7 @@ class Party:
         self.local = TokenizedSet(tok, local, cfg["max_len"], name=name)  # D_pub for the LLM, D_k for client k
         self.public = public  # D_pub is held by the server and visible to all [host]
         self.gold = {p["question"]: p["answer"] for p in public}  # so every party checks paths itself
+        self.grading = cfg["grading"]
         self.filters, self.state = {}, {}
         self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
 
@@ -448,10 +452,10 @@ def gold_nll(cfg, party, questions):
 
 
 def correctness(party, questions, paths):
-    """0/1 per path: does it end in the gold answer of its (public) question?"""
+    """0/1 per path: does it end in the gold answer of its (public) question? (graded as --grading says)"""
     import eval as ev
 
-    return torch.tensor([float(ev.is_correct(y, party.gold[q])) for q, y in zip(questions, paths)])
+    return torch.tensor([float(ev.is_correct(y, party.gold[q], party.grading)) for q, y in zip(questions, paths)])
 
 
 def embeddings(cfg, party, questions):
@@ -776,9 +780,10 @@ def evaluate(cfg, party, rnd) -> dict:
         r = ev.evaluate(party.model, party.tok, examples, batch_size=cfg["eval_batch"],
                         max_new_tokens=cfg["max_new_tokens"], device=cfg["device"],
                         stop_at_answer_line=cfg["stop_at_answer_line"])
-        out["accuracy"][key], out["strict"][key], out["eval_n"][key] = r["flexible"], r["strict"], len(examples)
+        out["accuracy"][key], out["strict"][key], out["eval_n"][key] = r[cfg["grading"]], r["strict"], len(examples)
         if full:
-            out["correct"][key] = "".join("01"[ev.is_correct(c, e["answer"])] for c, e in zip(r["completions"], examples))
+            out["correct"][key] = "".join("01"[ev.is_correct(c, e["answer"], cfg["grading"])]
+                                          for c, e in zip(r["completions"], examples))
     return out
 
 
@@ -973,6 +978,7 @@ HELP = {
     "eval_subset": "evaluate rounds before the last on the first N problems of each test set (0 = all)",
     "counts_from": "results.json of a filter run: --method random allocates that run's counts per student and round",
     "eval_split": "test | val: the sets every evaluation reads (val for tuning the testbed)",
+    "grading": "how a final answer is graded, for the loop and the accuracies: flexible (GSM8K harness) | strict (\"#### N\") | checked (strict, and every <<a=b>> computes)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }
 HELP.update(LORA_HELP)

@@ -49,6 +49,25 @@ def test_agrees_with_openai_labels():
     assert not any(ev.is_correct(row["6b_finetuning"]["solution"], row["ground_truth"], "strict") for row in rows[:50])
 
 
+def test_checked_grading_accepts_every_gsm8k_gold_and_rejects_garbled_paths():
+    """checked = strict + every calculator annotation computes. Truth 1: all 8,792 GSM8K gold solutions
+    (whose annotations a calculator wrote) pass. Truth 2: paths a weak testbed SLM wrote, whose last
+    number happens to be the answer (copied from results/testbed/superseded/headroom_v2_flexible/)."""
+    rows = _jsonl("train.jsonl") + _jsonl("test.jsonl")
+    assert len(rows) == 8792
+    assert all(ev.is_correct(r["answer"], r["answer"], "checked") for r in rows)
+    garbled = [("After adding, 12 + 12 + 18 = <<12=9>>19.\n#### + 1", "1", (True, False, False)),
+               (" * 9 = <<1*30/3=10>>.\n#### ual is 3", "3", (True, False, False)),
+               ("After adding, 1 - Now there is 1 = <<10-8=6>>6 meters.\n#### 6 2", "6", (True, True, False)),
+               ("After removing, 111 - 5 = <<1-7=8>>8 meters.\n#### 6", "6", (True, True, False)),
+               ("After removing, 11 - 5 = <<11-5=6>>6 meters.\n#### 6", "6", (True, True, True)),
+               ("10% of 20 is 20 * 10 / 100 = <<20*10/100=2>>2.\nThat leaves 20 - 2 = <<20-2=18>>18.\n#### 18", "18", (True, True, True)),
+               ("<<7/0=1>>\n#### 1", "1", (True, True, False)), ("<<2**3=8>>\n#### 8", "8", (True, True, False)),
+               ("<<__import__('os')=0>>\n#### 0", "0", (True, True, False)), ("no annotation\n#### 4", "4", (True, True, True))]
+    for path, gold, want in garbled:
+        assert tuple(ev.is_correct(path, f"#### {gold}", m) for m in ("flexible", "strict", "checked")) == want, path
+
+
 @pytest.mark.parametrize("split", ["train.jsonl", "test.jsonl"])
 def test_strict_extracts_every_gsm8k_gold(split):
     rows = _jsonl(split)
@@ -263,6 +282,7 @@ def test_evaluate_scores_scripted_paths(tok):
     assert result["completions"] == ["so it is 7\n#### 7", "The answer is 60.", "#### 11"]
     assert result["strict"] == pytest.approx(1 / 3)
     assert result["flexible"] == pytest.approx(2 / 3)
+    assert result["checked"] == pytest.approx(1 / 3)  # no annotations to check: strict's
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -343,3 +343,14 @@ def test_random_matches_the_counts_of_a_filter_run(tmp_path, cache):
     assert all(v == 6 for r in plain["rounds"] for v in r["selected"].values())  # without it: budget
     assert federated.main(FAST + ["--out", str(tmp_path / "x"), "--cache", cache, "--method", "lada",
                                   "--counts_from", str(tmp_path / "lada" / "results.json")]) == 2
+
+
+def test_correctness_follows_grading():
+    """--grading decides which paths the loop counts as correct (filters' rewards, DARD's q, the oracle)."""
+    from types import SimpleNamespace
+
+    paths = ["After removing, 111 - 5 = <<1-7=8>>8 meters.\n#### 6",  # garbled, last number right by chance
+             "After removing, 11 - 5 = <<11-5=6>>6 meters.\n#### 6", "#### 5", "so 6"]
+    for grading, want in [("flexible", [1, 1, 0, 1]), ("strict", [1, 1, 0, 0]), ("checked", [0, 1, 0, 0])]:
+        party = SimpleNamespace(gold={"q": "... #### 6"}, grading=grading)
+        assert federated.correctness(party, ["q"] * 4, paths).tolist() == want
