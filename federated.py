@@ -43,7 +43,7 @@ BASE = dict(
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
     min_steps=2, max_steps=5, max_value=100,
     private_only="", private_only_share=0.3,  # the testbed's knowledge split (data.make_splits); "" = none
-    eval_subset=0, counts_from="", eval_split="test", grading="flexible",  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
+    eval_subset=0, counts_from="", eval_split="test", grading="flexible", slm_pretrain=0,  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
     parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
 )
@@ -61,7 +61,7 @@ PRESETS = {
                     lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
                     warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128,
-                    grading="checked"),
+                    grading="checked", slm_pretrain=1000),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
@@ -354,8 +354,9 @@ def build_parties(cfg, splits, only=None) -> dict:
                 continue
             if name == "llm":
                 warm_data, steps = with_solutions(splits["public"]) + splits["general"], cfg["warm_llm"]
-            else:
-                warm_data, steps = splits["clients"][i - 1]["private"], cfg["warm_slm"]
+            else:  # its private data, after --slm_pretrain solved problems of the shared domains (never pooled)
+                pre = random.Random(cfg["data_seed"] * 100 + i).sample(splits["general"], min(cfg["slm_pretrain"], len(splits["general"])))
+                warm_data, steps = pre + splits["clients"][i - 1]["private"], cfg["warm_slm"]
             seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
             warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
             path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
@@ -978,6 +979,7 @@ HELP = {
     "eval_subset": "evaluate rounds before the last on the first N problems of each test set (0 = all)",
     "counts_from": "results.json of a filter run: --method random allocates that run's counts per student and round",
     "eval_split": "test | val: the sets every evaluation reads (val for tuning the testbed)",
+    "slm_pretrain": "solved problems of the shared domains (from the LLM-only general set) in each generated SLM's warm-up, besides its private data",
     "grading": "how a final answer is graded, for the loop and the accuracies: flexible (GSM8K harness) | strict (\"#### N\") | checked (strict, and every <<a=b>> computes)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
 }

@@ -354,3 +354,25 @@ def test_correctness_follows_grading():
     for grading, want in [("flexible", [1, 1, 0, 1]), ("strict", [1, 1, 0, 0]), ("checked", [0, 1, 0, 0])]:
         party = SimpleNamespace(gold={"q": "... #### 6"}, grading=grading)
         assert federated.correctness(party, ["q"] * 4, paths).tolist() == want
+
+
+def test_slm_pretrain_adds_shared_domain_problems_to_each_slm_warm_up(tmp_path, monkeypatch):
+    """--slm_pretrain N: each generated SLM warms up on N solved problems of the LLM-only general set
+    (shared domains, in no pool, validation or test set) followed by its private data; 0 = private alone."""
+    import distill
+
+    seen = {}
+    monkeypatch.setattr(distill, "warm_up", lambda model, tok, examples, **kw: seen.setdefault(kw["desc"], examples) and 0.0)
+    for n in (0, 7):
+        seen.clear()
+        cfg = federated.resolve_config(federated.parse_args(
+            ["--smoke", "--device", "cpu", "--private_only", "time", "--slm_pretrain", str(n), "--cache", str(tmp_path / f"c{n}")]))
+        splits = federated.make_data(cfg, 3)
+        federated.build_parties(cfg, splits, only=["slm1", "slm2", "slm3"])
+        general = {p["question"] for p in splits["general"]}
+        held_out = {p["question"] for k in ("public", "public_test", "public_val") for p in splits[k]}
+        for k in range(3):
+            got = seen[f"warm-up slm{k + 1}"]
+            assert got[n:] == splits["clients"][k]["private"]
+            assert len(got[:n]) == n and {p["question"] for p in got[:n]} <= general
+            assert not {p["question"] for p in got[:n]} & held_out and all(p["domain"] != "time" for p in got[:n])
