@@ -93,9 +93,9 @@ def extract_answer(text: str, mode: str = "flexible") -> str | None:
     garbled path often ends in the right number by chance (README "The testbed")."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {MODES}")
-    m = STRICT_RE.search(text)
     if mode == "checked" and not annotations_hold(text):
         return None
+    m = STRICT_RE.search(text)
     if m:
         return _normalize(m.group(1))
     if mode in ("strict", "checked"):

@@ -107,8 +107,9 @@ def resolve_config(args) -> dict:
         raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
     if cfg["counts_from"] and (cfg["method"] != "random" or not Path(cfg["counts_from"]).is_file()):
         raise ValueError(f"--counts_from {cfg['counts_from']}: needs --method random and a results.json of a run")
-    if cfg["grading"] not in ("flexible", "strict", "checked"):
-        raise ValueError(f"--grading must be flexible, strict or checked, got {cfg['grading']!r}")
+    from eval import MODES
+    if cfg["grading"] not in MODES:
+        raise ValueError(f"--grading must be one of {', '.join(MODES)}, got {cfg['grading']!r}")
     if cfg["eval_split"] not in ("test", "val"):
         raise ValueError(f"--eval_split must be test or val, got {cfg['eval_split']!r}")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:

@@ -150,7 +150,7 @@ def test_private_only_domain_is_answer_only_on_the_server():
     assert "time" not in {p["domain"] for p in split["general"]}
     assert all(p["answer"].count("warm-up") == 1 for p in split["public_test_private"] + split["public_val_private"])
     assert {p["domain"] for p in split["public_test_private"]} == {"time"} and len(split["public_test_private"]) == 60
-    for c, c_plain in zip(split["clients"], plain["clients"]):
+    for c in split["clients"]:
         assert c["domain_mix"]["time"] >= 0.3 - 1e-9
         for p in c["private"] + c["val"] + c["test"]:  # every solution of the domain ends with the convention's line
             assert (p["domain"] == "time") == ("warm-up" in p["answer"])

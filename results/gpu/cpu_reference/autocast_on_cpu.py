@@ -1,6 +1,6 @@
 # slm3 of the default preset: the first warm-up steps at batch 8 on the CPU, fp32 vs bf16 autocast (torch head)
-import sys, time, random, contextlib
-sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", ".."))
+import os, sys, time, random, contextlib
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import torch
 import federated as F
 from distill import TokenizedSet, sft_loss, make_optimizer, optimizer_step

@@ -1,6 +1,6 @@
 import os, sys, time
 os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import torch, random
 import federated as F
 from distill import TokenizedSet

@@ -1,6 +1,6 @@
 # The default preset's warm-up of one party on this CPU in fp32 (torch head): same data, seed, init and
 # batch order as the H200 run, so the batch losses printed every 150 steps compare one to one.
-import sys; sys.path.insert(0, __import__("os").path.join(__import__("os").path.dirname(__file__), "..", "..", ".."))
+import os, sys; sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 import torch
 import federated as F
 torch.set_num_threads(1)
