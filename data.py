@@ -243,7 +243,8 @@ def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_
     private_only (the testbed's knowledge split, README "The testbed"): domains whose solutions
     only the clients hold. `general` has none of them; the public pool holds their questions with
     the final answer alone ("#### N", marked "answer_only": every party can check a path, none can
-    train on a solution); each client's mix gives them private_only_share in all; and
+    train on a solution); each client's mix gives them exactly private_only_share in all (equal
+    parts), the shared domains the rest by Dirichlet(alpha); and
     `public_test_private` (`public_val_private`) holds n_test (n_val) problems of these domains, the
     LLM's test (validation) set of them.
     """
@@ -253,11 +254,14 @@ def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_
             raise DataError(f"unknown domain '{d}' (domains: {', '.join(DOMAIN_NAMES)})")
     rs = np.random.default_rng(seed)
     mixes = []
+    only = np.array([d in private_only for d in DOMAIN_NAMES])
     for _ in range(num_clients):
-        p = rs.dirichlet([alpha] * len(DOMAIN_NAMES))
-        if private_only:
-            p = (1 - private_only_share) * p + private_only_share * np.array(
-                [1.0 / len(private_only) if d in private_only else 0.0 for d in DOMAIN_NAMES])
+        p = np.zeros(len(DOMAIN_NAMES))
+        if private_only:  # the shared domains by Dirichlet in 1 - share, the private-only ones equally in share
+            p[~only] = (1 - private_only_share) * rs.dirichlet([alpha] * int((~only).sum()))
+            p[only] = private_only_share / only.sum()
+        else:
+            p = rs.dirichlet([alpha] * len(DOMAIN_NAMES))
         mixes.append(p.tolist())
     seen = set()
     gen = lambda n, s, probs=None: _distinct(n, s, seen, probs, steps, max_value)

@@ -56,7 +56,7 @@ PRESETS = {
                 eval_batch=128, score_batch=128),
     # the testbed of the comparison (README "The testbed"): scarce private data, a domain only the clients
     # know, 1-3-step problems the SLMs learn in part, a budget of an eighth of the pool
-    "testbed": dict(parties="testbed", rounds=5, pool_size=128, budget=16, min_budget=4, local_steps=10, local_batch=32,
+    "testbed": dict(parties="testbed", rounds=5, pool_size=256, budget=16, min_budget=4, local_steps=10, local_batch=32,
                     distill_epochs=8,
                     lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,

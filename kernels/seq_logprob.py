@@ -266,11 +266,16 @@ def triton_token_fwd(h2d, weight, tok, lab):
 @functools.cache
 def _has_fp32_out_mm(device_type):
     """Whether torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) runs for 16-bit a, b on this
-    device type (recent CUDA builds). Probed once, on 1×1 tensors, so errors of real calls surface."""
+    device type (recent CUDA builds) *and adds into acc*: probed once on small tensors against an
+    fp32 product, so that a build which runs the call but drops or mis-rounds acc falls back."""
     try:
-        a, acc = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type), torch.zeros(1, 1, device=device_type)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return True
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(s, generator=g).bfloat16() for s in ((48, 40), (40, 24)))
+        acc = torch.randn(48, 24, generator=g)
+        want = acc + a.float() @ b.float()
+        got = acc.to(device_type)
+        torch.addmm(got, a.to(device_type), b.to(device_type), out_dtype=torch.float32, out=got)
+        return bool(torch.allclose(got.cpu(), want, rtol=1e-3, atol=1e-3))
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 

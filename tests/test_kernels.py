@@ -145,8 +145,10 @@ def test_seq_logprob_mixed_dtypes(backend, device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
 def test_triton_backward_in_vocabulary_chunks(dtype, device, monkeypatch):
-    """The backward walks the vocabulary in chunks (here 64 columns: 173 = 64 + 64 + 45, the last
-    one partial), each adding its share of grad_hidden and writing its rows of grad_weight."""
+    """The backward walks the vocabulary in chunks (64 columns, rounded up to the block: 557 = 8 x 64
+    + 45 interpreted and in fp32 on CUDA, 2 x 256 + 45 in bf16 on CUDA; the last one partial), each
+    adding its share of grad_hidden (into an fp32 accumulator: addmm(out_dtype=) where the build has
+    it) and writing its rows of grad_weight."""
     use_backend(monkeypatch, "triton", device)
     real_bwd = seq_logprob_mod.triton_token_bwd
     calls = []
@@ -156,8 +158,8 @@ def test_triton_backward_in_vocabulary_chunks(dtype, device, monkeypatch):
         return real_bwd(*args, **dict(kw, chunk_cols=64))
 
     monkeypatch.setattr(seq_logprob_mod, "triton_token_bwd", bwd_in_chunks)
-    B, T, V, d, mask = CASES["odd"]
-    hidden, weight, labels = make_inputs(B, T, V, d, mask, dtype, device, seed=5)
+    B, T, _, d, mask = CASES["odd"]
+    hidden, weight, labels = make_inputs(B, T, 557, d, mask, dtype, device, seed=5)
     grad_out = torch.randn(B, generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(device)
     kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE).backward(grad_out.float())
     assert calls  # the chunked backward is the one that ran
