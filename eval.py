@@ -8,7 +8,7 @@ holds the grader used everywhere in the project (correctness of y_L / y_k, test 
                                   flexible: also "The answer is N", "A: N", else the last number
     is_correct(completion, gold)  compare the extracted number with the gold one by value
     generate(model, tok, prompts) batched KV-cache decoding that stops after the "#### N" line
-    evaluate(model, tok, examples) -> {"strict", "flexible", "n", "completions"}
+    evaluate(model, tok, examples) -> {"strict", "flexible", "checked", "n", "completions", "correct"}
 
 CLI (a held-out GSM8K-format file and a model directory saved by models.py):
 
@@ -209,15 +209,16 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
 
 def evaluate(model, tokenizer, examples: list[dict], batch_size: int = 512, max_new_tokens: int = 256,
              device=None, stop_at_answer_line: bool = False) -> dict:
-    """Greedy accuracy on examples [{"question", "answer" (GSM8K answer field)}]; n == 0 gives NaN."""
+    """Greedy accuracy on examples [{"question", "answer" (GSM8K answer field)}]; n == 0 gives NaN.
+    Returns {"n", "completions", "correct": {mode: [bool per example]}, and each mode's accuracy}."""
     prompts = [format_prompt(ex["question"]) for ex in examples]
     completions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
                            batch_size=batch_size, device=device, stop_at_answer_line=stop_at_answer_line)
     n = len(examples)
-    result = {"n": n, "completions": completions}
+    result = {"n": n, "completions": completions, "correct": {}}
     for mode in MODES:
-        hits = sum(is_correct(c, ex["answer"], mode) for c, ex in zip(completions, examples))
-        result[mode] = hits / n if n else float("nan")
+        result["correct"][mode] = [is_correct(c, ex["answer"], mode) for c, ex in zip(completions, examples)]
+        result[mode] = sum(result["correct"][mode]) / n if n else float("nan")
     return result
 
 
@@ -270,8 +271,8 @@ def main(argv=None) -> int:
     model.to(device)
     result = evaluate(model, tokenizer, examples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, device=device, stop_at_answer_line=args.stop_at_answer_line)
-    print(f"{'n':>6} {'strict':>8} {'flexible':>9}")
-    print(f"{result['n']:>6} {result['strict']:>8.4f} {result['flexible']:>9.4f}")
+    print(f"{'n':>6} {'strict':>8} {'flexible':>9} {'checked':>8}")
+    print(f"{result['n']:>6} {result['strict']:>8.4f} {result['flexible']:>9.4f} {result['checked']:>8.4f}")
     return 0
 
 

@@ -784,8 +784,7 @@ def evaluate(cfg, party, rnd) -> dict:
                         stop_at_answer_line=cfg["stop_at_answer_line"])
         out["accuracy"][key], out["strict"][key], out["eval_n"][key] = r[cfg["grading"]], r["strict"], len(examples)
         if full:
-            out["correct"][key] = "".join("01"[ev.is_correct(c, e["answer"], cfg["grading"])]
-                                          for c, e in zip(r["completions"], examples))
+            out["correct"][key] = "".join("01"[hit] for hit in r["correct"][cfg["grading"]])
     return out
 
 
