@@ -310,9 +310,11 @@ def main(argv=None):
         todo = list(headroom_runs(seeds))
         if not args.headroom:
             _, ok = headroom(res_dir)
-            if not ok and not args.force:
-                print("compare.py: the headroom check has not passed (run --headroom first; without headroom the "
-                      "testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
+            checked = set(runs_of(res_dir, "headroom", "local")) & set(runs_of(res_dir, "headroom", "oracle"))
+            if not (ok and checked >= set(seeds)) and not args.force:
+                why = "has not passed" if not ok else f"lacks seed(s) {sorted(set(seeds) - checked)} of the grid"
+                print(f"compare.py: the headroom check {why} (run --headroom --seeds {args.seeds} first; without "
+                      "headroom the testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
                 return 2
             todo = list(grid_runs(args.scenarios.split(","), args.methods.split(","), seeds))
         todo = [t for t in todo if not t[-1].exists()]

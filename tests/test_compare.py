@@ -89,3 +89,25 @@ def test_tables_headroom_and_hypotheses(tmp_path):
                                                                "slm1": _bits(6, n), "slm2": _bits(6, n)}))
     assert compare.headroom(tmp_path)[1] is False
     assert np.isclose(compare.correct(_result({"a": "0110"}), "a").sum(), 2)
+
+
+def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, capsys):
+    """The grid refuses to start while the headroom check lacks one of its seeds, even if the seeds it
+    has pass; it starts once every seed passes."""
+    n = 50
+    res = tmp_path / "results" / compare.PRESET
+    for s in (0, 1):
+        _write(res / "headroom", f"local-s{s}", _result({"llm-private": _bits(5, n), "slm1": _bits(5, n)}))
+        _write(res / "headroom", f"oracle-s{s}", _result({"llm-private": _bits(15, n), "slm1": _bits(15, n)}))
+    (tmp_path / "README.md").write_text(f"# x\n<!-- tables:{compare.PRESET}:begin -->\nold\n<!-- tables:{compare.PRESET}:end -->\nend\n")
+    ran = []
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append(a[:3]))
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    assert compare.main(["--seeds", "0,1,2", "--scenarios", "hetero", "--methods", "local"]) == 2
+    assert "lacks seed(s) [2]" in capsys.readouterr().err and not ran
+    assert compare.main(["--seeds", "0,1", "--scenarios", "hetero", "--methods", "local"]) == 0
+    gap = lambda s: [("one2one", m, s) for _ in ("mid", "large") for m in ("lada-loss", "lada")]  # noqa: E731
+    assert ran == [("hetero", "local", 0)] + gap(0) + [("hetero", "local", 1)] + gap(1)  # seed by seed
+    readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
+    assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
