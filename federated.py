@@ -60,7 +60,7 @@ PRESETS = {
                     distill_epochs=8,
                     lr=1e-3, n_public=3000, n_private=100, n_test=500, n_val=200, n_general=6000, min_steps=1,
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
-                    warm_slm=400, warm_batch=32, max_new_tokens=128, eval_subset=100, eval_batch=128, score_batch=128,
+                    warm_slm=400, warm_batch=32, max_new_tokens=256, eval_subset=100, eval_batch=128, score_batch=128,
                     grading="checked", slm_pretrain=1000),
     "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
@@ -325,6 +325,22 @@ class Party:
         self.grading = cfg["grading"]
         self.filters, self.state = {}, {}
         self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
+        self.info["over_max_new_tokens"] = over_max_new_tokens(name, tok, evals, public, cfg["max_new_tokens"])
+
+
+def over_max_new_tokens(name, tok, evals, public, max_new_tokens) -> dict:
+    """How many gold solutions of the party's evaluation sets and of the pool need more than
+    max_new_tokens tokens (with EOS) under its tokenizer: such a problem cannot be solved in the
+    generation budget. Counted, and said in one line when any is."""
+    sets = dict(evals, pool=[p for p in public if not p.get("answer_only")])
+    out = {}
+    for key, examples in sets.items():
+        lengths = [len(ids) + 1 for ids in tok([e["answer"] for e in examples], add_special_tokens=False).input_ids] if examples else []
+        out[key] = sum(n > max_new_tokens for n in lengths)
+        if out[key]:
+            print(f"{name}: {out[key]} of {len(lengths)} solutions of its {key} set need more than --max_new_tokens "
+                  f"{max_new_tokens} tokens (the longest {max(lengths)}); it cannot solve those problems", flush=True)
+    return out
 
 
 def build_parties(cfg, splits, only=None) -> dict:

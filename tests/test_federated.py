@@ -376,3 +376,18 @@ def test_slm_pretrain_adds_shared_domain_problems_to_each_slm_warm_up(tmp_path, 
             assert got[n:] == splits["clients"][k]["private"]
             assert len(got[:n]) == n and {p["question"] for p in got[:n]} <= general
             assert not {p["question"] for p in got[:n]} & held_out and all(p["domain"] != "time" for p in got[:n])
+
+
+def test_solutions_longer_than_the_generation_budget_are_counted_and_said(capsys):
+    """A character tokenizer makes one token per character: a 30-character solution needs 31 tokens
+    with EOS, over a budget of 20; a 6-character one fits. Answer-only pool entries are not solutions."""
+    long, short = "Now there is 5 + 3 = 8.\n#### 8", "#### 8"
+    tok = models.build_tokenizer("char", [long + "Q?"])
+    evals = {"slm1": [{"answer": long}, {"answer": short}, {"answer": long}]}
+    public = [{"answer": long}, {"answer": "#### 9", "answer_only": True}, {"answer": short}]
+    got = federated.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=20)
+    assert len(long) == 30 and got == {"slm1": 2, "pool": 1}
+    out = capsys.readouterr().out
+    assert "slm1: 2 of 3 solutions of its slm1 set need more than --max_new_tokens 20 tokens (the longest 31)" in out
+    assert federated.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=31) == {"slm1": 0, "pool": 0}
+    assert capsys.readouterr().out == ""
