@@ -108,6 +108,6 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     assert "lacks seed(s) [2]" in capsys.readouterr().err and not ran
     assert compare.main(["--seeds", "0,1", "--scenarios", "hetero", "--methods", "local"]) == 0
     gap = lambda s: [("one2one", m, s) for _ in ("mid", "large") for m in ("lada-loss", "lada")]  # noqa: E731
-    assert ran == [("hetero", "local", 0)] + gap(0) + [("hetero", "local", 1)] + gap(1)  # seed by seed
+    assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
     readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
     assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
