@@ -256,10 +256,9 @@ def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_
     mixes = []
     only = np.array([d in private_only for d in DOMAIN_NAMES])
     for _ in range(num_clients):
-        p = np.zeros(len(DOMAIN_NAMES))
         if private_only:  # the shared domains by Dirichlet in 1 - share, the private-only ones equally in share
+            p = np.where(only, private_only_share / only.sum(), 0.0)
             p[~only] = (1 - private_only_share) * rs.dirichlet([alpha] * int((~only).sum()))
-            p[only] = private_only_share / only.sum()
         else:
             p = rs.dirichlet([alpha] * len(DOMAIN_NAMES))
         mixes.append(p.tolist())
