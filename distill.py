@@ -357,7 +357,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
             total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
             optimizer_step(model, opt, total)
             steps += 1
-            for k, v in (("loss", total), (loss, l_main), ("local", l_local)):
+            for k, v in (("loss", total), (loss, l_main), ("anchor", l_local)):  # "anchor": not the local step's "local"
                 totals[k] = totals.get(k, 0.0) + v.detach()
     model.eval()
     return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples),

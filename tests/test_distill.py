@@ -174,7 +174,7 @@ def test_distill_sft_and_identical_pairs(tok):
     local = data.generate(20, seed=3, steps=(2, 2), max_value=20)
     before = [p.detach().clone() for p in model.parameters()]
     st = distill.distill(model, tok, opt, samples, local, "sft", cfg, random.Random(0))
-    assert st["steps"] == 4 and st["n"] == 6 and st["local"] > 0  # 2 epochs x ceil(6/4) batches, local term on
+    assert st["steps"] == 4 and st["n"] == 6 and st["anchor"] > 0  # 2 epochs x ceil(6/4) batches, local anchor on
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     same = [dict(s, y_neg=s["y_pos"]) for s in samples]
     assert distill.distill(model, tok, opt, same, local, "dard", cfg, random.Random(0)) == {"steps": 0}

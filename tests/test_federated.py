@@ -42,7 +42,14 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
         assert all(torch.equal(after[0], a) for a in after)
         fedavg_calls.append(list(names))
 
+    step_losses, real_step = {}, federated.local_step
+
+    def recorded_step(party, cfg, rng):
+        step_losses[party.name] = real_step(party, cfg, rng)
+        return step_losses[party.name]
+
     monkeypatch.setattr(federated, "fedavg", checked_fedavg)
+    monkeypatch.setattr(federated, "local_step", recorded_step)
     res = run(["--scenario", scenario, "--method", method], tmp_path, cache)
     n_slm = {"one2one": 1}.get(scenario, 3)
     assert res["config"]["scenario"] == scenario and res["config"]["method"] == method
@@ -55,6 +62,10 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     else:
         assert set(k.split("/")[0] for k in sel) == ({"down"} if scenario == "llm2slm" else {"down", "up"})
         assert nbytes["down"] > 0 and nbytes["up"] > 0
+    losses = res["rounds"][0]["loss"]  # the local step's loss, not overwritten by the distillation's anchor
+    assert {n: losses[f"local/{n}"] for n in step_losses} == pytest.approx(step_losses)
+    if method not in ("local", "fedavg"):
+        assert all(losses[f"anchor/{k[5:]}"] > 0 for k, v in sel.items() if k.startswith("down/") and v)
     if method in ("random", "lada", "lada-filter"):
         assert all(2 <= v <= 6 for v in sel.values())  # min_budget <= |A| <= budget
     if method == "lada-loss":
