@@ -112,6 +112,17 @@ def build_model(arch: str, tokenizer, d_model: int, n_layer: int, n_head: int, d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cfg)
+    return skip_padding_check(model)
+
+
+def skip_padding_check(model):
+    """Right-padded batches go in without an attention mask on purpose (a causal model's real
+    positions never see the pads; no mask keeps the fast attention paths open). GPT-2's forward checks
+    for pads without a mask on every call: on CUDA that reads the batch back to the host, and it
+    prints a warning that does not apply here. The check is switched off for this model."""
+    for m in model.modules():
+        if hasattr(m, "warn_if_padding_and_no_attention_mask"):
+            m.warn_if_padding_and_no_attention_mask = lambda input_ids, attention_mask: None
     return model
 
 
@@ -387,7 +398,7 @@ def load_model(path, device="cpu", dtype=None):
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
         raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {rows} rows")
-    return model.to(device), tokenizer
+    return skip_padding_check(model).to(device), tokenizer
 
 
 # -----------------------------------------------------------------------------

@@ -72,6 +72,28 @@ def test_save_load_and_hidden_head(tmp_path, corpus, name):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
 
 
+def test_gpt2_padding_check_is_skipped(tmp_path, corpus, monkeypatch):
+    """GPT-2's forward warns (and on CUDA syncs) when a batch holds pads and no mask: right padding
+    without a mask is deliberate here, so the project's GPT-2 parties, built or loaded, skip it."""
+    from transformers import AutoModelForCausalLM
+    from transformers import modeling_utils
+
+    warned = []
+    monkeypatch.setattr(modeling_utils.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+    tok = models.build_tokenizer("char", corpus)
+    model = models.build_model(tokenizer=tok, seed=1, **models.ZOO["gpt2-tiny"]).eval()
+    ids = torch.tensor([tok("12 + 5", add_special_tokens=False).input_ids + [tok.pad_token_id] * 3])
+    raw = AutoModelForCausalLM.from_config(model.config).eval()  # the library's own model: it warns
+    with torch.no_grad():
+        raw(input_ids=ids)
+        assert len(warned) == 1 and "attention_mask" in warned[0]
+        model(input_ids=ids)
+        models.hidden_and_head(model, ids)
+        models.save_model(model, tok, tmp_path / "ckpt")
+        models.load_model(tmp_path / "ckpt")[0](input_ids=ids)
+    assert len(warned) == 1
+
+
 def test_load_model_errors(tmp_path):
     with pytest.raises(models.ModelError, match="not a model directory"):
         models.load_model(tmp_path)
