@@ -325,6 +325,7 @@ class Party:
         self.grading = cfg["grading"]
         self.filters, self.state = {}, {}
         self.counts = {}  # (round, "down" | "up/<client>") -> samples `random` allocates (--counts_from)
+        self.warm_dir = None  # its warm-up cache entry, where it came from one (build_parties)
         self.info["over_max_new_tokens"] = over_max_new_tokens(name, tok, evals, public, cfg["max_new_tokens"])
 
 
@@ -353,6 +354,7 @@ def build_parties(cfg, splits, only=None) -> dict:
     from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
 
     dev = cfg["device"]
+    warm_dirs = {}  # name -> its warm-up cache entry (parties of the zoo only)
     if cfg["llm"] or cfg["slms"]:
         if not (cfg["llm"] and cfg["slms"]):
             raise ValueError("--llm and --slms go together")
@@ -387,6 +389,7 @@ def build_parties(cfg, splits, only=None) -> dict:
                 save_model(model, tok, path, info=info)
                 got = (model, tok, dict(info, cached=False))
             loaded[name] = got
+            warm_dirs[name] = path
         check_parties(cfg, list(loaded))
         check(cfg, {n: got[0] for n, got in loaded.items()}, strict=False)  # the memory plan of the rounds
     parties = {}
@@ -400,6 +403,7 @@ def build_parties(cfg, splits, only=None) -> dict:
             info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         local = with_solutions(splits["public"]) if name == "llm" else splits["clients"][k - 1]["private"]
         parties[name] = Party(name, model, tok, cfg, local, eval_sets(cfg, splits, name), splits["public"], info)
+        parties[name].warm_dir = warm_dirs.get(name)
     return parties
 
 
@@ -804,6 +808,37 @@ def evaluate(cfg, party, rnd) -> dict:
     return out
 
 
+def initial_evaluation(cfg, party) -> dict:
+    """evaluate(cfg, party, 0), kept in the party's warm-up cache entry: the runs of a grid that start
+    from the same warmed-up model and score the same sets the same way read it instead of generating
+    again (greedy decoding of a fixed model: the same answers). The key holds the sets, every setting
+    that reaches generation or grading, the source of eval.py and the library versions."""
+    import transformers
+
+    import eval as ev
+    from models import fingerprint
+
+    if party.warm_dir is None:
+        return evaluate(cfg, party, 0)
+    keys = ("max_new_tokens", "eval_batch", "grading", "stop_at_answer_line", "dtype", "lora", "lora_parties")
+    key = fingerprint({k: cfg[k] for k in keys}, torch.device(cfg["device"]).type, torch.__version__,
+                      transformers.__version__, Path(ev.__file__).read_text(),
+                      {k: [e["question"] + e["answer"] for e in v] for k, v in party.evals.items()})
+    path = Path(party.warm_dir) / f"eval0-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    got = evaluate(cfg, party, 0)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(got))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache still runs
+        tmp.unlink(missing_ok=True)
+    return got
+
+
 def merge_evaluations(evs) -> dict:
     merged = {"accuracy": {}, "strict": {}, "eval_n": {}, "correct": {}}
     for e in evs:
@@ -900,7 +935,7 @@ def run(cfg):
         print(f"resuming after round {start}")
     else:
         with phase(setup_times, "evaluation", dev):
-            ev0 = merge_evaluations(evaluate(cfg, p, 0) for p in parties.values())
+            ev0 = merge_evaluations(initial_evaluation(cfg, p) for p in parties.values())
         results = new_results(cfg, {n: p.info for n, p in parties.items()}, ev0, setup_times)
     show_start(out, results)
 

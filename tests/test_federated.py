@@ -77,6 +77,29 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     assert (tmp_path / "results.md").read_text().count("\n") == 4  # header, rule, round 0, round 1
 
 
+def test_initial_evaluation_is_kept_with_the_warmed_up_models(tmp_path, monkeypatch):
+    """The round-0 scores of a cached warm-up are computed once and read by every later run that scores
+    the same sets the same way (a grid's methods share their start); a change of what reaches
+    generation scores again."""
+    cache = str(tmp_path / "cache")
+    calls, real = [], federated.evaluate
+
+    def counted(cfg, party, rnd):
+        calls.append((party.name, rnd))
+        return real(cfg, party, rnd)
+
+    monkeypatch.setattr(federated, "evaluate", counted)
+    first = run(["--method", "local"], tmp_path / "a", cache)
+    assert sum(r == 0 for _, r in calls) == 4  # the LLM and three SLMs, scored at round 0
+    calls.clear()
+    again = run(["--method", "lada"], tmp_path / "b", cache)
+    assert [r for _, r in calls] == [1] * 4  # only the round's own scoring
+    assert again["initial"] == first["initial"] and again["initial_correct"] == first["initial_correct"]
+    calls.clear()
+    run(["--method", "local", "--max_new_tokens", "30"], tmp_path / "c", cache)
+    assert sum(r == 0 for _, r in calls) == 4
+
+
 def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
     args = ["--rounds", "2", "--method", "lada", "--filter_optimism", "0.6"]  # optimism: filters carry more state
     full = run(args, tmp_path / "full", cache)
