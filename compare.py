@@ -287,7 +287,7 @@ def plot(res_dir: Path, scenario="hetero"):
                                    lambda a: a["llm"], lambda a: a.get("llm-private", np.nan))):
             ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m)
             ax.set_xticks(range(n))
-    for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):
+    for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):  # llm2slm: LLM frozen
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{scenario}: {t}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -330,7 +330,8 @@ def main(argv=None):
         print(f"compare.py: {len(todo)} runs in {time.time() - t0:.0f}s")
     md = tables(res_dir)
     (res_dir / "tables.md").write_text(md + "\n")
-    plot(res_dir)
+    for scen in federated.SCENARIOS:  # one figure per scenario that has runs
+        plot(res_dir, scen)
     readme = ROOT / "README.md"  # the tables also go between the README's markers
     begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"
     text = readme.read_text()

@@ -111,3 +111,17 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
     readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
     assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
+
+
+def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    res = tmp_path / "results" / compare.PRESET
+    for scen in ("hetero", "homo"):
+        for m, k in (("local", 5), ("lada", 9)):
+            _write(res / scen, f"{m}-s0", _result({"llm": _bits(k, 20), "slm1": _bits(k, 20)}))
+    (tmp_path / "README.md").write_text("# x\n")
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    assert compare.main(["--tables"]) == 0
+    assert sorted(p.name for p in res.glob("accuracy_*.png")) == ["accuracy_hetero.png", "accuracy_homo.png"]
