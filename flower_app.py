@@ -8,8 +8,8 @@
 
 The ServerApp holds the LLM, the public data and the up-filters F_k^up and drives the round (steps 2,
 4, 5', 6', 7'); each ClientApp holds one SLM (chosen by the node's `party`), its private data and its
-down-filter F_k^down (steps 1, 3, 5, 6, 7). They call federated.py's step functions; what crosses is
-exactly the SCHEMA dicts of federated.py, checked and counted by its `send`, encoded losslessly into
+down-filter F_k^down (steps 1, 3, 5, 6, 7). They call protocol.py's step functions; what crosses is
+exactly the SCHEMA dicts of protocol.py, checked and counted by its `send`, encoded losslessly into
 Flower records (`pack`/`unpack`), plus a small report per client (its counts, losses and accuracy,
 for the log). `flags` are federated.py's flags and resolve the same way on every machine, so the same
 flags give the same results as `python federated.py`: every party draws from random.Random(seed,
@@ -37,6 +37,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import federated as F
+import protocol as P
 
 CLIENT_ERROR = 2  # the code of Flower's own "ClientApp raised an exception" error
 
@@ -228,7 +229,7 @@ def client_stage(stage, msg, context) -> Message:
             fcntl.flock(lock, fcntl.LOCK_EX)
             out_meta, out = STAGES[stage](cfg, name, cdir, meta, got)
         for kind, m in out.items():  # the schema check of what leaves this machine
-            F.send(m, kind, {}, "up")
+            P.send(m, kind, {}, "up")
         return Message(pack(out, **out_meta), reply_to=msg)
     except Exception as e:
         traceback.print_exc()
@@ -252,7 +253,7 @@ def start_round(cfg, name, cdir, rnd):
     rng = random.Random(f"{cfg['seed']}-{rnd}-{name}")  # the party's own randomness, as in federated.run
     torch.manual_seed(cfg["seed"] * 1000 + rnd)
     with autocast_of(cfg):
-        loss = F.local_step(party, cfg, rng)
+        loss = P.local_step(party, cfg, rng)
     return party, rng, {"losses": {f"local/{name}": loss}}
 
 
@@ -276,9 +277,9 @@ def stage_answer(cfg, name, cdir, meta, got):
         party, rng, report = start_round(cfg, name, cdir, rnd)
     if "pool" not in got:
         return dict(report=finish(cfg, party, cdir, rnd, report)), {}
-    pool = F.receive(got["pool"], "pool", min(cfg["pool_size"], len(party.public)), cfg, party.gold)  # checked first
+    pool = P.receive(got["pool"], "pool", min(cfg["pool_size"], len(party.public)), cfg, party.gold)  # checked first
     with autocast_of(cfg):
-        reply = F.client_answer(party, pool, cfg, rnd, int(name[3:]) - 1)
+        reply = P.client_answer(party, pool, cfg, rnd, int(name[3:]) - 1)
     save_work(cdir, party, rnd, rng, pool, report)
     return dict(report=report), {"client_paths": reply}
 
@@ -288,9 +289,9 @@ def stage_learn(cfg, name, cdir, meta, got):
     rnd = meta["round"]
     party = client_party(cfg, name)
     rng, offer, report = load_work(cdir, party, rnd)
-    score = F.receive(got["llm_score"], "llm_score", len(offer["questions"]), cfg)  # checked first
+    score = P.receive(got["llm_score"], "llm_score", len(offer["questions"]), cfg)  # checked first
     with autocast_of(cfg):
-        learned = F.client_learn(party, offer, score, cfg, rng)
+        learned = P.client_learn(party, offer, score, cfg, rng)
     report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"])
     return dict(report=finish(cfg, party, cdir, rnd, report)), {}
 
@@ -442,7 +443,7 @@ def serve(grid: Grid, context: Context) -> None:
             # --- 1. local step: the LLM here, each SLM at its site (in its first message of the round)
             if not frozen_llm:
                 with F.phase(times, "local", dev):
-                    losses["local/llm"] = F.local_step(server, cfg, rng)
+                    losses["local/llm"] = P.local_step(server, cfg, rng)
             down = {n: {} for n in names}  # what each client's "answer" message carries
             if fedavg:  # FedAvg of the SLMs, after their local step
                 with F.phase(times, "1 clients: local", dev):
@@ -450,21 +451,21 @@ def serve(grid: Grid, context: Context) -> None:
                 down = {}
                 for n, (_, msgs) in got.items():
                     try:
-                        down[n] = {"weights": F.send(msgs["weights"], "weights", traffic, "up")}
+                        down[n] = {"weights": P.send(msgs["weights"], "weights", traffic, "up")}
                     except Exception as e:
                         skip(n, e)
                 with F.phase(times, "fedavg", dev):
                     avg = F.average([m["weights"]["state_dict"] for m in down.values()]) if down else {}
                 for n in down:
-                    F.send({"state_dict": avg}, "weights", traffic, "down")
+                    P.send({"state_dict": avg}, "weights", traffic, "down")
                     down[n]["weights"] = {"state_dict": avg}
 
             # --- 2, 3: the pool goes down, the clients' paths come up
             if alloc is not None:
                 with F.phase(times, "2 server_offer", dev):
-                    offer = F.server_offer(server, cfg, rnd, rng)
+                    offer = P.server_offer(server, cfg, rnd, rng)
                 for n in down:
-                    down[n]["pool"] = F.send(offer, "pool", traffic, "down")
+                    down[n]["pool"] = P.send(offer, "pool", traffic, "down")
             with F.phase(times, "1, 3 clients: local, client_answer", dev):
                 got = ex("answer", down)
             for n, (meta, _) in got.items():
@@ -476,10 +477,10 @@ def serve(grid: Grid, context: Context) -> None:
                 scores = {}
                 for n, (_, msgs) in got.items():
                     try:
-                        reply = F.receive(F.send(msgs["client_paths"], "client_paths", traffic, "up"), "client_paths",
+                        reply = P.receive(P.send(msgs["client_paths"], "client_paths", traffic, "up"), "client_paths",
                                           len(server.state["qs"]), cfg)  # checked before any use
                         with F.phase(times, "4 server_score", dev):
-                            scores[n] = {"llm_score": F.send(F.server_score(server, n, reply, cfg), "llm_score",
+                            scores[n] = {"llm_score": P.send(P.server_score(server, n, reply, cfg), "llm_score",
                                                              traffic, "down")}
                     except Exception as e:
                         skip(n, e)
@@ -494,10 +495,10 @@ def serve(grid: Grid, context: Context) -> None:
                         rewards[f"down/{n}"] = rep["reward"]
                     if not frozen_llm:
                         with F.phase(times, "5' server_pick", dev):
-                            selected[f"up/{n}"] = len(F.server_pick(server, n, cfg, rng))
+                            selected[f"up/{n}"] = len(P.server_pick(server, n, cfg, rng))
                 if not frozen_llm:
                     with F.phase(times, "6'-7' server_learn", dev):
-                        learned = F.server_learn(server, cfg, rng)
+                        learned = P.server_learn(server, cfg, rng)
                     losses.update({f"{key}/llm": v for key, v in learned["losses"].items()})
                     rewards.update({f"up/{n}": r for n, r in learned["rewards"].items()})
 

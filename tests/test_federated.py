@@ -11,6 +11,7 @@ import torch
 
 import federated
 import models
+import protocol
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data" / "gsm8k"
@@ -42,14 +43,14 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
         assert all(torch.equal(after[0], a) for a in after)
         fedavg_calls.append(list(names))
 
-    step_losses, real_step = {}, federated.local_step
+    step_losses, real_step = {}, protocol.local_step
 
     def recorded_step(party, cfg, rng):
         step_losses[party.name] = real_step(party, cfg, rng)
         return step_losses[party.name]
 
     monkeypatch.setattr(federated, "fedavg", checked_fedavg)
-    monkeypatch.setattr(federated, "local_step", recorded_step)
+    monkeypatch.setattr(protocol, "local_step", recorded_step)
     res = run(["--scenario", scenario, "--method", method], tmp_path, cache)
     n_slm = {"one2one": 1}.get(scenario, 3)
     assert res["config"]["scenario"] == scenario and res["config"]["method"] == method
@@ -133,8 +134,8 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
 
 def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monkeypatch):
     sent = []
-    real = federated.send
-    monkeypatch.setattr(federated, "send", lambda msg, kind, *a: sent.append((kind, msg)) or real(msg, kind, *a))
+    real = protocol.send
+    monkeypatch.setattr(protocol, "send", lambda msg, kind, *a: sent.append((kind, msg)) or real(msg, kind, *a))
     res = run(["--method", "lada"], tmp_path, cache)
     splits = federated.make_data(res["config"], 3)
     public = {p["question"] for p in splits["public"]}
@@ -158,14 +159,14 @@ def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monk
 
 
 def test_failing_client_is_skipped(tmp_path, cache, monkeypatch):
-    real = federated.paths_and_scores
+    real = protocol.paths_and_scores
 
     def flaky(cfg, party, questions, seed):
         if party.name == "slm2":
             raise RuntimeError("client crashed")
         return real(cfg, party, questions, seed)
 
-    monkeypatch.setattr(federated, "paths_and_scores", flaky)
+    monkeypatch.setattr(protocol, "paths_and_scores", flaky)
     res = run(["--method", "lada"], tmp_path, cache)
     r = res["rounds"][0]
     assert "client crashed" in r["errors"]["slm2"] and set(r["errors"]) == {"slm2"}
@@ -202,16 +203,16 @@ def test_client_answer_and_server_score_carry_the_right_scores(parties, logp64):
     _independent_logp = lambda party, q, y: logp64(party.model, party.tok, q, y)  # float64 truth
     cfg, server, client = parties
     offer = {"questions": QS, "y_llm": GOLD, "logp_llm_yllm": torch.zeros(4)}
-    reply = federated.client_answer(client, offer, cfg, rnd=1, k=0)
-    assert set(reply) == federated.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada: no gold NLL
+    reply = protocol.client_answer(client, offer, cfg, rnd=1, k=0)
+    assert set(reply) == protocol.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada: no gold NLL
     for i in range(4):
         assert reply["logp_slm_yllm"][i].item() == pytest.approx(_independent_logp(client, QS[i], GOLD[i]), rel=1e-4)
         assert reply["logp_slm_yslm"][i].item() == pytest.approx(
             _independent_logp(client, QS[i], reply["y_slm"][i]), rel=1e-4)
     server.state = dict(qs=QS, y=GOLD, lp_y=torch.zeros(4), n_y=torch.ones(4), c_y=torch.ones(4), clients={})
     hand = dict(reply, y_slm=["#### 17", "8 + 30 = 38\n#### 38", "#### 25", "no answer"])
-    score = federated.server_score(server, "slm1", hand, cfg)
-    assert set(score) == federated.SCHEMA["llm_score"]
+    score = protocol.server_score(server, "slm1", hand, cfg)
+    assert set(score) == protocol.SCHEMA["llm_score"]
     for i in range(4):
         assert score["logp_llm_yslm"][i].item() == pytest.approx(_independent_logp(server, QS[i], hand["y_slm"][i]), rel=1e-4)
     assert server.state["clients"]["slm1"]["c_yk"].tolist() == [1.0, 0.0, 1.0, 0.0]  # checked against the gold
@@ -229,11 +230,11 @@ def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
     offer = {"questions": QS, "y_llm": y_llm, "logp_llm_yllm": torch.tensor([-5.0, -5.0, -5.0, -5.0])}
     score = {"logp_llm_yslm": torch.tensor([-50.0, -50.0, -5.0, -5.0])}
     seen, rewarded = [], []
-    real, real_reward = distill.distill, federated.reward_and_update
+    real, real_reward = distill.distill, protocol.reward_and_update
     monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
-    monkeypatch.setattr(federated, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real_reward(*a))
+    monkeypatch.setattr(protocol, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real_reward(*a))
     before = [p.detach().clone() for p in client.model.parameters()]
-    got = federated.client_learn(client, offer, score, cfg, random.Random(0))
+    got = protocol.client_learn(client, offer, score, cfg, random.Random(0))
     pairs = seen[0]
     assert [p["y_pos"] for p in pairs] == y_llm and [p["y_neg"] for p in pairs] == y_k  # y+ = y_L, y- = y_k
     assert [p["correct_pos"] for p in pairs] == [True, False, True, False]
@@ -253,11 +254,11 @@ def test_server_pick_and_learn(parties):
     server.state = dict(qs=QS, y=["#### 1"] * 4, lp_y=torch.full((4,), -20.0), n_y=torch.full((4,), 5),
                         c_y=torch.zeros(4), clients={})
     reply = {"y_slm": y_k, "logp_slm_yslm": torch.full((4,), -10.0), "logp_slm_yllm": torch.full((4,), -30.0)}
-    federated.server_score(server, "slm1", reply, cfg)
-    B = federated.server_pick(server, "slm1", cfg, random.Random(0))
+    protocol.server_score(server, "slm1", reply, cfg)
+    B = protocol.server_pick(server, "slm1", cfg, random.Random(0))
     assert len(B) == 3 and B == sorted(set(B)) and all(0 <= i < 4 for i in B)  # a random subset of `budget`
     before = [p.detach().clone() for p in server.model.parameters()]
-    got = federated.server_learn(server, cfg, random.Random(0))
+    got = protocol.server_learn(server, cfg, random.Random(0))
     assert set(got["rewards"]) == {"slm1"} and 0.0 <= got["rewards"]["slm1"] <= 1.0
     assert got["losses"]["dard"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, server.model.parameters()))
@@ -362,9 +363,9 @@ def test_testbed_run_reports_private_domain_and_per_problem_results(tmp_path, ca
 def test_oracle_takes_every_correct_teacher_path(parties):
     cfg, _, _ = parties
     feats = torch.zeros(5, 3)
-    got = federated.allocate("oracle", None, feats, None, None, None, torch.tensor([1.0, 0, 1, 1, 0]), cfg, random.Random(0))
+    got = protocol.allocate("oracle", None, feats, None, None, None, torch.tensor([1.0, 0, 1, 1, 0]), cfg, random.Random(0))
     assert got == [0, 2, 3]
-    got = federated.allocate("random", None, feats, None, None, None, None, cfg, random.Random(0), count=2)
+    got = protocol.allocate("random", None, feats, None, None, None, None, cfg, random.Random(0), count=2)
     assert len(got) == 2 and len(set(got)) == 2
 
 
@@ -387,7 +388,7 @@ def test_correctness_follows_grading():
              "After removing, 11 - 5 = <<11-5=6>>6 meters.\n#### 6", "#### 5", "so 6"]
     for grading, want in [("flexible", [1, 1, 0, 1]), ("strict", [1, 1, 0, 0]), ("checked", [0, 1, 0, 0])]:
         party = SimpleNamespace(gold={"q": "... #### 6"}, grading=grading)
-        assert federated.correctness(party, ["q"] * 4, paths).tolist() == want
+        assert protocol.correctness(party, ["q"] * 4, paths).tolist() == want
 
 
 def test_slm_pretrain_adds_shared_domain_problems_to_each_slm_warm_up(tmp_path, monkeypatch):

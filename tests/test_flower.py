@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("flwr", reason="flwr is not installed (pip install -r requirements-flower.txt)")
 
 import federated  # noqa: E402
+import protocol  # noqa: E402
 import flower_app  # noqa: E402
 import models  # noqa: E402
 
@@ -50,13 +51,13 @@ def test_records_carry_messages_losslessly():
             [(got["weights"]["state_dict"][k], v) for k, v in weights["state_dict"].items()]:
         assert a.dtype == b.dtype and a.shape == b.shape
         assert bits(a) == bits(b)  # the same bits (NaN, -0.0 included)
-    # the byte accounting of federated.send is the same on either side of the wire
+    # the byte accounting of protocol.send is the same on either side of the wire
     t1, t2 = {}, {}
-    federated.send(msg, "pool", t1, "down")
-    federated.send(got["pool"], "pool", t2, "down")
+    protocol.send(msg, "pool", t1, "down")
+    protocol.send(got["pool"], "pool", t2, "down")
     assert t1 == t2 == {"down": 8 * 4 + sum(len(s.encode()) for s in msg["questions"] + msg["y_llm"])}
     with pytest.raises(RuntimeError, match="outside the protocol"):  # the schema check holds for decoded messages
-        federated.send(dict(got["pool"], answer=["42"]), "pool", {}, "down")
+        protocol.send(dict(got["pool"], answer=["42"]), "pool", {}, "down")
 
 
 # -----------------------------------------------------------------------------

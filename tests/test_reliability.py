@@ -22,6 +22,7 @@ import torch
 
 import eval as ev
 import federated
+import protocol
 import models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,8 +185,8 @@ def test_receive_refuses_each_kind_of_bad_message():
     qs = ["q1", "q2", "q3"]
     good = {"y_slm": ["a", "b", "c"], "logp_slm_yslm": torch.tensor([-1.0, -2.0, -3.0]),
             "logp_slm_yllm": torch.tensor([-4.0, -5.0, -6.0])}
-    assert federated.receive(dict(good), "client_paths", 3, cfg) == good
-    assert federated.receive(dict(good, logp_slm_yslm=[-1, -2.5, 0.0]), "client_paths", 3, cfg)["logp_slm_yslm"].tolist() \
+    assert protocol.receive(dict(good), "client_paths", 3, cfg) == good
+    assert protocol.receive(dict(good, logp_slm_yslm=[-1, -2.5, 0.0]), "client_paths", 3, cfg)["logp_slm_yslm"].tolist() \
         == [-1.0, -2.5, 0.0]  # a list of numbers (a transport's JSON) becomes a tensor
     nan = float("nan")
     bad = [
@@ -209,23 +210,23 @@ def test_receive_refuses_each_kind_of_bad_message():
         (dict(good, y_slm=["a", "\ud800", "c"]), "not valid Unicode"),
     ]
     for msg, says in bad:
-        with pytest.raises(federated.BadMessage) as e:
-            federated.receive(msg, "client_paths", 3, cfg)
+        with pytest.raises(protocol.BadMessage) as e:
+            protocol.receive(msg, "client_paths", 3, cfg)
         assert says in str(e.value), (says, str(e.value))
     # the server's messages: the pool's questions must be public ones; the gold NLLs come with fedmkt
     pool = {"questions": qs, "y_llm": ["x", "y", "z"], "logp_llm_yllm": torch.zeros(3)}
-    assert federated.receive(pool, "pool", 3, cfg, known_questions=set(qs)) == pool
-    with pytest.raises(federated.BadMessage, match=r"questions\[2\] is not a public question"):
-        federated.receive(dict(pool, questions=["q1", "q2", "secret"]), "pool", 3, cfg, known_questions=set(qs))
-    with pytest.raises(federated.BadMessage, match="has 3 entries for 4"):
-        federated.receive(pool, "pool", 4, cfg)
+    assert protocol.receive(pool, "pool", 3, cfg, known_questions=set(qs)) == pool
+    with pytest.raises(protocol.BadMessage, match=r"questions\[2\] is not a public question"):
+        protocol.receive(dict(pool, questions=["q1", "q2", "secret"]), "pool", 3, cfg, known_questions=set(qs))
+    with pytest.raises(protocol.BadMessage, match="has 3 entries for 4"):
+        protocol.receive(pool, "pool", 4, cfg)
     fm = dict(cfg, method="fedmkt")
-    with pytest.raises(federated.BadMessage, match=r"missing fields \['nll_gold_llm'\]"):
-        federated.receive(pool, "pool", 3, fm)
-    with pytest.raises(federated.BadMessage, match=r"nll_gold_llm\[0\] is -2, but a NLL is >= 0"):
-        federated.receive(dict(pool, nll_gold_llm=torch.tensor([-2.0, 1.0, 1.0])), "pool", 3, fm)
-    with pytest.raises(federated.BadMessage, match=r"logp_llm_yslm\[1\] is nan"):
-        federated.receive({"logp_llm_yslm": torch.tensor([0.0, nan, 0.0])}, "llm_score", 3, cfg)
+    with pytest.raises(protocol.BadMessage, match=r"missing fields \['nll_gold_llm'\]"):
+        protocol.receive(pool, "pool", 3, fm)
+    with pytest.raises(protocol.BadMessage, match=r"nll_gold_llm\[0\] is -2, but a NLL is >= 0"):
+        protocol.receive(dict(pool, nll_gold_llm=torch.tensor([-2.0, 1.0, 1.0])), "pool", 3, fm)
+    with pytest.raises(protocol.BadMessage, match=r"logp_llm_yslm\[1\] is nan"):
+        protocol.receive({"logp_llm_yslm": torch.tensor([0.0, nan, 0.0])}, "llm_score", 3, cfg)
 
 
 # what a hostile client does to its honest reply in rounds 1, 2, 3, and the reason its receiver logs
@@ -241,7 +242,7 @@ HOSTILE = {
 
 
 def test_hostile_clients_are_refused_and_the_round_goes_on(reference, tmp_path, monkeypatch):
-    real = federated.client_answer
+    real = protocol.client_answer
     hits = []
 
     def answer(client, offer, cfg, rnd, k):
@@ -252,7 +253,7 @@ def test_hostile_clients_are_refused_and_the_round_goes_on(reference, tmp_path, 
             hits.append((rnd, client.name, says))
         return reply
 
-    monkeypatch.setattr(federated, "client_answer", answer)
+    monkeypatch.setattr(protocol, "client_answer", answer)
     rounds = len(HOSTILE["slm2"])
     code = federated.main(SMALL + ["--rounds", str(rounds), "--out", str(tmp_path / "o"), "--cache", reference["cache"]])
     assert code == 0

@@ -26,13 +26,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 
 import eval as ev  # noqa: E402
 import federated as F  # noqa: E402
+import protocol as P  # noqa: E402
 from distill import distill, make_optimizer, teacher_targets  # noqa: E402
 
 HELD_OUT = 32
 
 
 def per_token(cfg, party, qs, ys):
-    lp, n = F.score(cfg, party, qs, ys)
+    lp, n = P.score(cfg, party, qs, ys)
     return float((lp / n.clamp_min(1)).mean())
 
 
@@ -48,8 +49,8 @@ def main():
     llm = parties["llm"]
     n_pool = max(pairs) + HELD_OUT
     qs = [p["question"] for p in random.Random(f"probe-{cfg['seed']}").sample(llm.public, n_pool)]
-    y_llm, lp_llm, _ = F.paths_and_scores(cfg, llm, qs, 1)
-    c_llm = F.correctness(llm, qs, y_llm)
+    y_llm, lp_llm, _ = P.paths_and_scores(cfg, llm, qs, 1)
+    c_llm = P.correctness(llm, qs, y_llm)
     variants = {"sft": ("sft", {}), "dard": ("dard", {}), "dard lr/10": ("dard", {"lr": cfg["lr"] / 10}),
                 "dard alpha=1": ("dard", {"alpha": 1.0})}
     print(f"seed {cfg['seed']}; pool {n_pool} questions; LLM paths correct: {int(c_llm.sum())}/{n_pool}; "
@@ -59,10 +60,10 @@ def main():
         s = parties[name]
         val = splits["clients"][k]["val"]
         vq, vgold = [p["question"] for p in val], [p["answer"] for p in val]
-        y_k, _, _ = F.paths_and_scores(cfg, s, qs, 1000 * (k + 1))
-        c_k = F.correctness(s, qs, y_k)
-        lp_llm_yk, _ = F.score(cfg, llm, qs, y_k)
-        q = teacher_targets(lp_llm, lp_llm_yk, F.chars(y_llm), F.chars(y_k), c_llm, c_k, cfg["tau"])
+        y_k, _, _ = P.paths_and_scores(cfg, s, qs, 1000 * (k + 1))
+        c_k = P.correctness(s, qs, y_k)
+        lp_llm_yk, _ = P.score(cfg, llm, qs, y_k)
+        q = teacher_targets(lp_llm, lp_llm_yk, P.chars(y_llm), P.chars(y_k), c_llm, c_k, cfg["tau"])
         start = {n: p.detach().clone() for n, p in s.model.state_dict().items()}
         hq, hy = qs[max(pairs):], y_k[max(pairs):]  # held-out questions and the SLM's own paths of them
 
