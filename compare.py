@@ -3,6 +3,8 @@
     python compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
     python compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
     python compare.py --tables                # only rebuild the tables, verdicts and plot from results/
+    python compare.py --tune                  # follow-up F0: the distillation's lr per loss (hetero, seed 0, validation)
+    python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
 
 Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
 data, the warm-ups and the rounds. Its results.json is copied to
@@ -34,6 +36,9 @@ BASELINES = ["local", "fedmkt", "random", "fedavg"]
 ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lada"]  # lada before random (its counts)
 RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
 SEEDS = [0, 1, 2]
+# the follow-up (README "Follow-up: DARD's learning rate", pre-registered before its first run)
+TUNE_METHODS, TUNE_SCALES = ("fedmkt", "lada-filter", "lada"), (1.0, 0.3, 0.1)
+FOLLOWUP_METHODS, FOLLOWUP_SEEDS = ("local", "fedmkt", "lada", "random", "lada-filter"), (3, 4, 5)
 
 
 # -----------------------------------------------------------------------------
@@ -73,6 +78,39 @@ def grid_runs(scenarios, methods, seeds):
         for size in ("mid", "large"):  # the learnability gap: the smallest SLM alone with either LLM
             for m in ("lada-loss", "lada"):
                 yield "one2one", m, seed, ["--llm_size", size], res / "gap" / f"{size}-{m}-s{seed}.json"
+
+
+def tune_runs():
+    """F0: each distilling method of the follow-up at each --distill_lr_scale, hetero seed 0, validation sets."""
+    res = ROOT / "results" / PRESET / "tune"
+    for m in TUNE_METHODS:
+        for x in TUNE_SCALES:
+            yield "hetero", m, 0, ["--eval_split", "val", "--distill_lr_scale", str(x)], res / f"{m}-x{x}-s0.json"
+
+
+def tuned_scales(res_dir: Path) -> dict | None:
+    """{method: the --distill_lr_scale with the highest SLM mean on the validation sets} once every tuning
+    run is in (ties go to the larger scale, the nearer to the registered setting); `random` takes lada's
+    (the same loss), `local` none. None while a tuning run is missing."""
+    best = {}
+    for m in TUNE_METHODS:
+        got = {x: runs_of(res_dir, "tune", f"{m}-x{x}").get(0) for x in TUNE_SCALES}
+        if any(r is None for r in got.values()):
+            return None
+        mean = {x: np.mean([correct(r, p).mean() for p in slms(r)]) for x, r in got.items()}
+        best[m] = max(TUNE_SCALES, key=lambda x: (mean[x], x))
+    return dict(best, random=best["lada"], local=1.0)
+
+
+def followup_runs(scales: dict):
+    """F1-F4: hetero on the fresh seeds, each method at its tuned scale; `random` after `lada` (its counts)."""
+    res = ROOT / "results" / PRESET / "followup"
+    for seed in FOLLOWUP_SEEDS:
+        for m in FOLLOWUP_METHODS:
+            extra = ["--distill_lr_scale", str(scales[m])]
+            if m == "random":
+                extra += ["--counts_from", str(res / f"lada-s{seed}.json")]
+            yield "hetero", m, seed, extra, res / f"{m}-s{seed}.json"
 
 
 def headroom_runs(seeds):
@@ -189,25 +227,32 @@ LLM = lambda r: ["llm"]
 LLM_PRIVATE = lambda r: [p for p in ("llm-private",) if p in r["initial_correct"]]
 
 
+def method_rows(res_dir: Path, sub: str, tag: str, label: str) -> list:
+    """H1-H4 (or the follow-up's F1-F4) of one results folder: (name, difference, ci, verdict) rows."""
+    rows = []
+    got = {m: runs_of(res_dir, sub, m) for m in ORDER}
+    if not got["lada"]:
+        return rows
+    base = [m for m in BASELINES if got[m]]
+    best = max(base, key=lambda m: np.mean([np.mean([correct(r, p).mean() for p in slms(r)]) for r in got[m].values()]))
+    ci = paired(got["lada"], got[best], SLM)
+    rows.append((f"{tag}1 {label}", f"lada − best baseline ({best}), SLM mean", ci, verdict(ci)))
+    if sub != "llm2slm":
+        for who, sel in (("LLM, public test", LLM), ("LLM, private-only domain", LLM_PRIVATE)):
+            ci = paired(got["lada"], got["local"], sel) if got["local"] else None
+            rows.append((f"{tag}2 {label}", f"lada − local, {who}", ci, verdict(ci)))
+    ci = paired(got["lada"], got["random"], SLM)
+    rows.append((f"{tag}3 {label}", "lada − random at lada's counts, SLM mean", ci, verdict(ci)))
+    ci = paired(got["lada"], got["lada-filter"], SLM)
+    rows.append((f"{tag}4 {label}", "lada (DARD) − lada-filter (SFT), SLM mean", ci, verdict(ci)))
+    return rows
+
+
 def hypotheses(res_dir: Path) -> list[str]:
     """The pre-registered hypotheses (README), each a paired difference with its interval and verdict."""
     rows = []
     for scen in federated.SCENARIOS:
-        got = {m: runs_of(res_dir, scen, m) for m in ORDER}
-        if not got["lada"]:
-            continue
-        base = [m for m in BASELINES if got[m]]
-        best = max(base, key=lambda m: np.mean([np.mean([correct(r, p).mean() for p in slms(r)]) for r in got[m].values()]))
-        ci = paired(got["lada"], got[best], SLM)
-        rows.append((f"H1 {scen}", f"lada − best baseline ({best}), SLM mean", ci, verdict(ci)))
-        if scen != "llm2slm":
-            for who, sel in (("LLM, public test", LLM), ("LLM, private-only domain", LLM_PRIVATE)):
-                ci = paired(got["lada"], got["local"], sel) if got["local"] else None
-                rows.append((f"H2 {scen}", f"lada − local, {who}", ci, verdict(ci)))
-        ci = paired(got["lada"], got["random"], SLM)
-        rows.append((f"H3 {scen}", "lada − random at lada's counts, SLM mean", ci, verdict(ci)))
-        ci = paired(got["lada"], got["lada-filter"], SLM)
-        rows.append((f"H4 {scen}", "lada (DARD) − lada-filter (SFT), SLM mean", ci, verdict(ci)))
+        rows += method_rows(res_dir, scen, "H", scen)
     gap = {(size, m): runs_of(res_dir, "gap", f"{size}-{m}") for size in ("mid", "large") for m in ("lada-loss", "lada")}
     if gap[("mid", "lada-loss")] and gap[("large", "lada-loss")]:
         ci = paired(gap[("mid", "lada-loss")], gap[("large", "lada-loss")], SLM)
@@ -216,6 +261,7 @@ def hypotheses(res_dir: Path) -> list[str]:
             ci = gap_closing(gap)
             rows.append(("H5b one2one", "the filter closes it: (mid − large) with lada − (mid − large) with lada-loss",
                          ci, verdict(ci, -1)))
+    rows += method_rows(res_dir, "followup", "F", "hetero, tuned lr")
     if not rows:
         return []
     md = ["\n**Hypotheses** (pre-registered in the README; paired difference of final accuracy in points, "
@@ -261,6 +307,17 @@ def tables(res_dir: Path) -> str:
     gap = {k: v for k, v in gap.items() if v}
     if gap:
         md += table(gap, "Learnability gap (one2one: the smallest SLM with a mid-size or the large LLM)")
+    tune = {f"{m} ×{x}": runs_of(res_dir, "tune", f"{m}-x{x}") for m in TUNE_METHODS for x in TUNE_SCALES}
+    tune = {k: v for k, v in tune.items() if v}
+    if tune:
+        md += table(tune, "Follow-up F0: the distillation's learning rate (--distill_lr_scale), hetero seed 0, validation sets")
+        scales = tuned_scales(res_dir)
+        md += ["", "Chosen (highest SLM mean): " + (", ".join(f"{m} ×{scales[m]}" for m in TUNE_METHODS) + " (random: lada's)"
+                                                  if scales else "not yet (tuning runs missing)") + "."]
+    followup = {m: runs_of(res_dir, "followup", m) for m in ORDER}
+    followup = {m: r for m, r in followup.items() if r}
+    if followup:
+        md += table(followup, "Follow-up: hetero, seeds 3–5, each method at its tuned distillation lr (test sets)")
     md += hypotheses(res_dir)
     return "\n".join(md)
 
@@ -304,12 +361,21 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--headroom", action="store_true", help="run only the headroom check (oracle vs local)")
     p.add_argument("--tables", action="store_true", help="only rebuild tables, verdicts and plot from results/")
+    p.add_argument("--tune", action="store_true", help="run only the follow-up's tuning (F0, validation sets)")
+    p.add_argument("--followup", action="store_true", help="run only the follow-up (F1-F4, seeds 3-5), after --tune")
     p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
     p.add_argument("--workdir", default="runs/compare", help="run directories and the model cache")
     args = p.parse_args(argv)
     res_dir = ROOT / "results" / PRESET
     seeds = [int(s) for s in args.seeds.split(",")]
-    if not args.tables:
+    if args.tune or args.followup:
+        scales = tuned_scales(res_dir)
+        if args.followup and scales is None:
+            print("compare.py: the follow-up's tuning is not finished (run --tune first: each method's distillation "
+                  "lr is chosen on validation sets before any follow-up test set is read)", file=sys.stderr)
+            return 2
+        todo = list(tune_runs() if args.tune else followup_runs(scales))
+    elif not args.tables:
         todo = list(headroom_runs(seeds))
         if not args.headroom:
             _, ok = headroom(res_dir)
@@ -320,6 +386,7 @@ def main(argv=None):
                       "headroom the testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
                 return 2
             todo = list(grid_runs(args.scenarios.split(","), args.methods.split(","), seeds))
+    if not args.tables:
         todo = [t for t in todo if not t[-1].exists()]
         t0 = time.time()
         for i, (scen, m, seed, extra, dest) in enumerate(todo):
@@ -329,6 +396,7 @@ def main(argv=None):
             run_one(scen, m, seed, extra, dest, Path(args.workdir))
         print(f"compare.py: {len(todo)} runs in {time.time() - t0:.0f}s")
     md = tables(res_dir)
+    res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")
     for scen in federated.SCENARIOS:  # one figure per scenario that has runs
         plot(res_dir, scen)

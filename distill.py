@@ -335,30 +335,37 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
     model.train()
     order = list(range(len(samples)))
     totals, steps = {}, 0
-    for _ in range(cfg["distill_epochs"]):
-        rng.shuffle(order)
-        for i in range(0, len(order), bs):
-            idx = order[i:i + bs]
-            if loss == "dard":
-                # Liger's layout: rows 0..B-1 are y+, rows B..2B-1 are y- of the same questions
-                enc = collate([pos[j] for j in idx] + [neg[j] for j in idx], pad, device)
-                ref = to_device(torch.cat([ref_pos[idx], ref_neg[idx]]), device)
-                q, a = to_device(q_all[idx], device), to_device(a_all[idx], device)
-                hw = _head_inputs(model, enc)
-                if hw is not None:
-                    l_main, _ = dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, a)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:  # --distill_lr_scale: the distillation's own learning rate (restored below)
+        g["lr"] = g["lr"] * cfg.get("distill_lr_scale", 1.0)
+    try:
+        for _ in range(cfg["distill_epochs"]):
+            rng.shuffle(order)
+            for i in range(0, len(order), bs):
+                idx = order[i:i + bs]
+                if loss == "dard":
+                    # Liger's layout: rows 0..B-1 are y+, rows B..2B-1 are y- of the same questions
+                    enc = collate([pos[j] for j in idx] + [neg[j] for j in idx], pad, device)
+                    ref = to_device(torch.cat([ref_pos[idx], ref_neg[idx]]), device)
+                    q, a = to_device(q_all[idx], device), to_device(a_all[idx], device)
+                    hw = _head_inputs(model, enc)
+                    if hw is not None:
+                        l_main, _ = dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, a)
+                    else:
+                        lp = sequence_logps(model, enc)
+                        B = len(idx)
+                        l_main = dard_loss(lp[:B], lp[B:], ref[:B], ref[B:], q, beta, a, enc["n_tokens"][:B])[0].mean()
                 else:
-                    lp = sequence_logps(model, enc)
-                    B = len(idx)
-                    l_main = dard_loss(lp[:B], lp[B:], ref[:B], ref[B:], q, beta, a, enc["n_tokens"][:B])[0].mean()
-            else:
-                l_main = sft_loss(model, collate([pos[j] for j in idx], pad, device))
-            l_local = local_batch_loss(model, local, local_batches, device) if local_batches else torch.zeros(())
-            total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
-            optimizer_step(model, opt, total)
-            steps += 1
-            for k, v in (("loss", total), (loss, l_main), ("anchor", l_local)):  # "anchor": not the local step's "local"
-                totals[k] = totals.get(k, 0.0) + v.detach()
+                    l_main = sft_loss(model, collate([pos[j] for j in idx], pad, device))
+                l_local = local_batch_loss(model, local, local_batches, device) if local_batches else torch.zeros(())
+                total = l_main + lam * l_local  # spec §4: L = L_DARD + alpha*... + lam * L_local
+                optimizer_step(model, opt, total)
+                steps += 1
+                for k, v in (("loss", total), (loss, l_main), ("anchor", l_local)):  # "anchor": not the local step's "local"
+                    totals[k] = totals.get(k, 0.0) + v.detach()
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
     model.eval()
     return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples),
                 too_long=n_in - len(samples))

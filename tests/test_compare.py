@@ -125,3 +125,37 @@ def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     assert compare.main(["--tables"]) == 0
     assert sorted(p.name for p in res.glob("accuracy_*.png")) == ["accuracy_hetero.png", "accuracy_homo.png"]
+
+
+def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(tmp_path, monkeypatch, capsys):
+    res = tmp_path / "results" / compare.PRESET
+    (tmp_path / "README.md").write_text("# x\n")
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    ran = []
+    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append((a[1], a[2], a[3])))
+    assert compare.main(["--followup"]) == 2 and not ran
+    assert "tuning is not finished" in capsys.readouterr().err
+    assert compare.main(["--tune"]) == 0  # F0: validation sets only, seed 0
+    assert [(m, s) for m, s, _ in ran] == [(m, 0) for m in compare.TUNE_METHODS for _ in compare.TUNE_SCALES]
+    assert all(e[:2] == ["--eval_split", "val"] for _, _, e in ran)
+    # SLM means on validation: fedmkt best at 1.0, lada-filter tied between 0.3 and 0.1 (-> 0.3), lada best at 0.1
+    hits = {"fedmkt": {1.0: 8, 0.3: 6, 0.1: 4}, "lada-filter": {1.0: 3, 0.3: 7, 0.1: 7}, "lada": {1.0: 1, 0.3: 5, 0.1: 9}}
+    for m, by in hits.items():
+        for x, k in by.items():
+            _write(res / "tune", f"{m}-x{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
+    assert compare.tuned_scales(res) == {"fedmkt": 1.0, "lada-filter": 0.3, "lada": 0.1, "random": 0.1, "local": 1.0}
+    ran.clear()
+    assert compare.main(["--followup"]) == 0
+    assert [(m, s) for m, s, _ in ran] == [(m, s) for s in compare.FOLLOWUP_SEEDS for m in compare.FOLLOWUP_METHODS]
+    scale = {m: float(e[e.index("--distill_lr_scale") + 1]) for m, s, e in ran if s == 3}
+    assert scale == {"local": 1.0, "fedmkt": 1.0, "lada": 0.1, "random": 0.1, "lada-filter": 0.3}
+    extra = {m: e for m, s, e in ran if s == 4}
+    assert extra["random"][-2:] == ["--counts_from", str(res / "followup" / "lada-s4.json")]
+    # the follow-up's own hypotheses, F1-F4, from its results alone
+    for s in compare.FOLLOWUP_SEEDS:
+        for m, k in {"local": 2, "fedmkt": 4, "random": 4, "lada-filter": 5, "lada": 12}.items():
+            _write(res / "followup", f"{m}-s{s}", _result({"llm": _bits(10, 40), "slm1": _bits(k, 40)}))
+    md = "\n".join(compare.hypotheses(res))
+    assert "| F1 hetero, tuned lr | lada − best baseline (fedmkt), SLM mean | +20.0 [" in md
+    assert md.count("| F") == 5 and "supported" in md

@@ -182,6 +182,25 @@ def test_distill_sft_and_identical_pairs(tok):
         distill.distill(model, tok, opt, samples, local, "kl", cfg, random.Random(0))
 
 
+@pytest.mark.parametrize("loss", ["sft", "dard"])
+def test_distill_lr_scale_scales_the_first_step(tok, loss):
+    """AdamW without weight decay moves each weight by lr * m/(sqrt(v) + eps) on its first step, a
+    quantity linear in lr: --distill_lr_scale 0.1 must move every weight a tenth as far, and leave the
+    optimizer's lr as it found it (the local steps keep theirs)."""
+    samples = _pairs(4, seed=5)
+    cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=4, distill_epochs=1, max_len=None)
+    moved = {}
+    for scale in (1.0, 0.1):
+        model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"])
+        opt = distill.make_optimizer(model, 1e-3)
+        before = [p.detach().clone() for p in model.parameters()]
+        st = distill.distill(model, tok, opt, samples, [], loss, dict(cfg, distill_lr_scale=scale), random.Random(0))
+        assert st["steps"] == 1 and opt.param_groups[0]["lr"] == 1e-3
+        moved[scale] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert moved[1.0].abs().max() > 1e-4
+    torch.testing.assert_close(moved[0.1], 0.1 * moved[1.0], rtol=1e-3, atol=1e-8)
+
+
 def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
     """DARD's pi_ref: log-probs of y+ and y- under the model exactly as distill() is called, frozen
     for every step after (README: departures from the spec)."""

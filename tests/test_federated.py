@@ -121,6 +121,10 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
     # the same directory without --resume is refused, a different config is refused
     assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache]) == 2
     assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache, "--resume", "--beta", "0.3"]) == 2
+    assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache, "--resume",
+                                         "--distill_lr_scale", "0.5"]) == 2
+    saved = tmp_path / "cut" / "ckpt" / "config.json"  # as written before --distill_lr_scale existed: at its default
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "distill_lr_scale"}))
     resumed = run(args + ["--resume"], tmp_path / "cut", cache)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "phases")} for r in rs]
     assert strip(resumed["rounds"]) == strip(full["rounds"])
