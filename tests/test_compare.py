@@ -152,10 +152,13 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
     assert scale == {"local": 1.0, "fedmkt": 1.0, "lada": 0.1, "random": 0.1, "lada-filter": 0.3}
     extra = {m: e for m, s, e in ran if s == 4}
     assert extra["random"][-2:] == ["--counts_from", str(res / "followup" / "lada-s4.json")]
-    # the follow-up's own hypotheses, F1-F4, from its results alone
+    # the follow-up's own hypotheses, F1-F4, from its results alone; interim while seeds are missing
+    for m, k in {"local": 2, "fedmkt": 4, "random": 4, "lada-filter": 5, "lada": 12}.items():
+        _write(res / "followup", f"{m}-s3", _result({"llm": _bits(10, 40), "slm1": _bits(k, 40)}))
+    assert "| 1 | supported (interim: 1 of 3 seeds) |" in "\n".join(compare.hypotheses(res))
     for s in compare.FOLLOWUP_SEEDS:
         for m, k in {"local": 2, "fedmkt": 4, "random": 4, "lada-filter": 5, "lada": 12}.items():
             _write(res / "followup", f"{m}-s{s}", _result({"llm": _bits(10, 40), "slm1": _bits(k, 40)}))
     md = "\n".join(compare.hypotheses(res))
     assert "| F1 hetero, tuned lr | lada − best baseline (fedmkt), SLM mean | +20.0 [" in md
-    assert md.count("| F") == 5 and "supported" in md
+    assert md.count("| F") == 5 and "| 3 | supported |" in md and "interim" not in md
