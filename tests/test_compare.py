@@ -111,6 +111,12 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
     readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
     assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
+    # the whole order: every scenario without lada-loss (random after lada, fedavg in homo only), the gap
+    # runs, then the scenarios' lada-loss runs (the costliest, read by no hypothesis outside the gap)
+    order = [t[:3] for t in compare.grid_runs(["hetero", "homo"], compare.RUN_ORDER, [0, 1])]
+    rest = lambda scen: ["local"] + (["fedavg"] if scen == "homo" else []) + ["fedmkt", "lada", "random", "lada-filter"]  # noqa: E731
+    assert order == ([(sc, m, s) for sc in ("hetero", "homo") for s in (0, 1) for m in rest(sc)] + gap(0) + gap(1) +
+                     [(sc, "lada-loss", s) for sc in ("hetero", "homo") for s in (0, 1)])
 
 
 def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
