@@ -10,7 +10,10 @@ Each run is `federated.py --preset testbed` with one (scenario, method, seed); t
 data, the warm-ups and the rounds. Its results.json is copied to
 results/testbed/<scenario>/<method>-s<seed>.json (committed), so the tables, the hypotheses' verdicts
 and the plot are rebuilt from those files alone. A run whose file exists is skipped and an
-interrupted run resumes from its last round: an interrupted grid loses one round at most.
+interrupted run resumes from its last round: an interrupted grid loses one round at most. Several
+compare.py processes can share a grid and a --workdir (e.g. `--seeds 0,2` and `--seeds 1`, or the grid
+beside --tune): each claims a run with a lock file before starting it, skips a run another live process
+holds, and skips a `random` run whose `lada` counts are not written yet (a later pass runs it).
 `random` runs after `lada` of the same scenario and seed and allocates, per student and round, the
 count lada's filter picked (--counts_from), so the two differ only in which samples.
 
@@ -60,6 +63,30 @@ def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, dest)
     print(f"compare.py: {dest.relative_to(ROOT)} in {res['wall_seconds']:.0f}s", flush=True)
+
+
+def claim(dest: Path, workdir: Path):
+    """A lock file per run, so that several compare.py processes can share one grid (and one workdir):
+    returns the lock, or None while another live process holds the run. A lock whose process is gone
+    is taken over (that run resumes from its last round)."""
+    lock = workdir / "locks" / (dest.relative_to(ROOT / "results" / PRESET).as_posix().replace("/", "__") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text().strip() or -1), 0)
+                return None  # held by a live process
+            except PermissionError:
+                return None  # a live process of another user
+            except (ValueError, OSError):
+                lock.unlink(missing_ok=True)  # its process is gone
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return lock
+    return None
 
 
 def grid_runs(scenarios, methods, seeds):
@@ -402,7 +429,17 @@ def main(argv=None):
             if i:
                 eta = (time.time() - t0) / i * (len(todo) - i)
                 print(f"compare.py: run {i + 1}/{len(todo)}, ETA {eta / 60:.0f} min", flush=True)
-            run_one(scen, m, seed, extra, dest, Path(args.workdir))
+            if "--counts_from" in extra and not Path(extra[extra.index("--counts_from") + 1]).exists():
+                print(f"compare.py: {dest.relative_to(ROOT)} waits for {extra[-1]} (its counts); skipped", flush=True)
+                continue
+            lock = None if dest.exists() else claim(dest, Path(args.workdir))
+            if lock is None:  # finished meanwhile, or another process runs it
+                print(f"compare.py: {dest.relative_to(ROOT)} is done or held by another process; skipped", flush=True)
+                continue
+            try:
+                run_one(scen, m, seed, extra, dest, Path(args.workdir))
+            finally:
+                lock.unlink(missing_ok=True)
         print(f"compare.py: {len(todo)} runs in {time.time() - t0:.0f}s")
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)

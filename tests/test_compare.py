@@ -104,9 +104,9 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     monkeypatch.setattr(compare, "run_one", lambda *a: ran.append(a[:3]))
     monkeypatch.setattr(compare, "plot", lambda *a: None)
-    assert compare.main(["--seeds", "0,1,2", "--scenarios", "hetero", "--methods", "local"]) == 2
+    assert compare.main(["--seeds", "0,1,2", "--scenarios", "hetero", "--methods", "local", "--workdir", str(tmp_path / "w")]) == 2
     assert "lacks seed(s) [2]" in capsys.readouterr().err and not ran
-    assert compare.main(["--seeds", "0,1", "--scenarios", "hetero", "--methods", "local"]) == 0
+    assert compare.main(["--seeds", "0,1", "--scenarios", "hetero", "--methods", "local", "--workdir", str(tmp_path / "w")]) == 0
     gap = lambda s: [("one2one", m, s) for _ in ("mid", "large") for m in ("lada-loss", "lada")]  # noqa: E731
     assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
     readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
@@ -139,10 +139,15 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     monkeypatch.setattr(compare, "plot", lambda *a: None)
     ran = []
-    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append((a[1], a[2], a[3])))
-    assert compare.main(["--followup"]) == 2 and not ran
+    def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
+        ran.append((m, seed, extra))
+        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    w = ["--workdir", str(tmp_path / "w")]
+    assert compare.main(["--followup"] + w) == 2 and not ran
     assert "tuning is not finished" in capsys.readouterr().err
-    assert compare.main(["--tune"]) == 0  # F0: validation sets only, seed 0
+    assert compare.main(["--tune"] + w) == 0  # F0: validation sets only, seed 0
     assert [(m, s) for m, s, _ in ran] == [(m, 0) for m in compare.TUNE_METHODS for _ in compare.TUNE_SCALES]
     assert all(e[:2] == ["--eval_split", "val"] for _, _, e in ran)
     # SLM means on validation: fedmkt best at 1.0, lada-filter tied between 0.3 and 0.1 (-> 0.3), lada best at 0.1
@@ -152,13 +157,16 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
             _write(res / "tune", f"{m}-x{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
     assert compare.tuned_scales(res) == {"fedmkt": 1.0, "lada-filter": 0.3, "lada": 0.1, "random": 0.1, "local": 1.0}
     ran.clear()
-    assert compare.main(["--followup"]) == 0
+    assert compare.main(["--followup"] + w) == 0
     assert [(m, s) for m, s, _ in ran] == [(m, s) for s in compare.FOLLOWUP_SEEDS for m in compare.FOLLOWUP_METHODS]
     scale = {m: float(e[e.index("--distill_lr_scale") + 1]) for m, s, e in ran if s == 3}
     assert scale == {"local": 1.0, "fedmkt": 1.0, "lada": 0.1, "random": 0.1, "lada-filter": 0.3}
     extra = {m: e for m, s, e in ran if s == 4}
     assert extra["random"][-2:] == ["--counts_from", str(res / "followup" / "lada-s4.json")]
     # the follow-up's own hypotheses, F1-F4, from its results alone; interim while seeds are missing
+    import shutil
+
+    shutil.rmtree(res / "followup")
     for m, k in {"local": 2, "fedmkt": 4, "random": 4, "lada-filter": 5, "lada": 12}.items():
         _write(res / "followup", f"{m}-s3", _result({"llm": _bits(10, 40), "slm1": _bits(k, 40)}))
     assert "| 1 | supported (interim: 1 of 3 seeds) |" in "\n".join(compare.hypotheses(res))
@@ -168,3 +176,27 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
     md = "\n".join(compare.hypotheses(res))
     assert "| F1 hetero, tuned lr | lada − best baseline (fedmkt), SLM mean | +20.0 [" in md
     assert md.count("| F") == 5 and "| 3 | supported |" in md and "interim" not in md
+
+
+def test_runs_are_claimed_so_that_processes_can_share_a_grid(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    (tmp_path / "README.md").write_text("# x\n")
+    w = tmp_path / "w"
+    first = next(compare.tune_runs())[-1]
+    lock = compare.claim(first, w)
+    assert lock is not None and lock.read_text() == str(os.getpid())
+    assert compare.claim(first, w) is None  # held by a live process (this one)
+    ran = []
+    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append(a[4]))
+    assert compare.main(["--tune", "--workdir", str(w)]) == 0
+    assert first not in ran and len(ran) == len(list(compare.tune_runs())) - 1  # the held run is left to its holder
+    assert not any((w / "locks").glob("*-x0.3-*"))  # the others were released
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(str(gone.pid))  # its holder died: the next process takes it over
+    assert compare.claim(first, w) == lock and lock.read_text() == str(os.getpid())
