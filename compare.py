@@ -130,7 +130,7 @@ def tuned_scales(res_dir: Path) -> dict | None:
         got = {x: runs_of(res_dir, "tune", f"{m}-x{x}").get(0) for x in TUNE_SCALES}
         if any(r is None for r in got.values()):
             return None
-        mean = {x: np.mean([correct(r, p).mean() for p in slms(r)]) for x, r in got.items()}
+        mean = {x: slm_accuracy(r) for x, r in got.items()}
         best[m] = max(TUNE_SCALES, key=lambda x: (mean[x], x))
     return dict(best, random=best["lada"], local=1.0)
 
@@ -168,6 +168,11 @@ def correct(res, party) -> np.ndarray:
 
 def slms(res):
     return [p for p in res["initial_correct"] if not p.startswith("llm")]
+
+
+def slm_accuracy(res) -> float:
+    """Final accuracy (0-1) averaged over the run's SLMs, each on its own test problems."""
+    return float(np.mean([correct(res, p).mean() for p in slms(res)]))
 
 
 def bootstrap(d, n_boot=2000, seed=0):
@@ -232,7 +237,7 @@ def acc_cell(runs, party):
 
 
 def slm_mean(runs):
-    xs = [100 * np.mean([correct(r, p).mean() for p in slms(r)]) for r in runs.values()]
+    xs = [100 * slm_accuracy(r) for r in runs.values()]
     return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}") if xs else "–"
 
 
@@ -267,7 +272,7 @@ def method_rows(res_dir: Path, sub: str, tag: str, label: str) -> list:
     if not got["lada"]:
         return rows
     base = [m for m in BASELINES if got[m]]
-    best = max(base, key=lambda m: np.mean([np.mean([correct(r, p).mean() for p in slms(r)]) for r in got[m].values()]))
+    best = max(base, key=lambda m: np.mean([slm_accuracy(r) for r in got[m].values()]))
     ci = paired(got["lada"], got[best], SLM)
     rows.append((f"{tag}1 {label}", f"lada − best baseline ({best}), SLM mean", ci, verdict(ci)))
     if sub != "llm2slm":
@@ -429,8 +434,9 @@ def main(argv=None):
             if i:
                 eta = (time.time() - t0) / i * (len(todo) - i)
                 print(f"compare.py: run {i + 1}/{len(todo)}, ETA {eta / 60:.0f} min", flush=True)
-            if "--counts_from" in extra and not Path(extra[extra.index("--counts_from") + 1]).exists():
-                print(f"compare.py: {dest.relative_to(ROOT)} waits for {extra[-1]} (its counts); skipped", flush=True)
+            counts = Path(extra[extra.index("--counts_from") + 1]) if "--counts_from" in extra else None
+            if counts is not None and not counts.exists():
+                print(f"compare.py: {dest.relative_to(ROOT)} waits for {counts} (its counts); skipped", flush=True)
                 continue
             lock = None if dest.exists() else claim(dest, Path(args.workdir))
             if lock is None:  # finished meanwhile, or another process runs it
