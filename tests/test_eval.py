@@ -197,6 +197,48 @@ def test_sampling_is_seeded_and_leaves_global_rng(tok):
     assert a != c
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_filled_cache_gives_the_tokens_of_transformers_own_cache(tok, arch, temperature, monkeypatch):
+    """generate() writes keys and values in place (_FilledLayer); transformers' DynamicCache, which
+    concatenates, is the reference: the same paths token for token, greedy and sampled, left-padded."""
+    model = _tiny(arch, tok, torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the init: varied greedy paths, so a mismatch would show
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0, 0.3)
+    used = []
+    filled_update = ev._FilledLayer.update
+    monkeypatch.setattr(ev._FilledLayer, "update", lambda self, *a, **k: used.append(1) or filled_update(self, *a, **k))
+    kw = dict(max_new_tokens=40, temperature=temperature, batch_size=3, seed=7)
+    ours = ev.generate(model, tok, PROMPTS, **kw)
+    assert used  # the in-place cache was the one generation ran with
+    monkeypatch.setattr(ev, "_generation_cache", lambda model, capacity: None)
+    assert ours == ev.generate(model, tok, PROMPTS, **kw)
+    assert len(set(ours)) > 1 and all(ours)
+
+
+def test_filled_layer_matches_concatenation_and_grows_past_its_capacity():
+    torch.manual_seed(0)
+    steps = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 2)]  # a prompt, then tokens; capacity 8 < 9
+    layer, reference = ev._FilledLayer(8), []
+    for x in steps:
+        k, v = layer.update(x, -x)
+        reference.append(x)
+        assert torch.equal(k, torch.cat(reference, dim=-2)) and torch.equal(v, -torch.cat(reference, dim=-2))
+    assert layer.get_seq_length() == 9
+
+
+def test_sliding_window_models_keep_transformers_cache(tok):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, sliding_window=4))
+    assert ev._generation_cache(model, 32) is None
+    assert ev._generation_cache(_tiny("llama", tok), 32) is not None
+
+
 def _scripted(tok, scripts):
     """A tiny Llama whose k-th forward call forces row b to emit scripts[b][k] (then EOS forever),
     whatever its input: tests where generation stops without training a model."""
