@@ -242,7 +242,7 @@ def stage_setup(cfg, name, cdir, meta, got):
         return dict(party=name), {}
     party = client_party(cfg, name)
     with autocast_of(cfg):
-        ev = F.evaluate(cfg, party, 0)
+        ev = F.initial_evaluation(cfg, party)  # read from the warm-up cache when there
     return dict(party=name, info=party.info, eval=ev), {}
 
 
@@ -422,7 +422,7 @@ def serve(grid: Grid, context: Context) -> None:
         print(f"resuming after round {start}")
     else:
         with amp, F.phase(setup_times, "evaluation", dev):
-            ev = F.evaluate(cfg, server, 0)
+            ev = F.initial_evaluation(cfg, server)
         results = F.new_results(cfg, {"llm": server.info, **{n: setup[n]["info"] for n in names}},
                                 F.merge_evaluations([ev] + [setup[n]["eval"] for n in names]), setup_times)
     F.show_start(out, results)
