@@ -241,6 +241,13 @@ def slm_mean(runs):
     return (f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}") if xs else "–"
 
 
+def run_seconds(r: dict) -> float:
+    """A run's compute time from its own records: the set-up (warm-up, round-0 evaluation) and every
+    round, the final evaluation included. Unlike the wall time of the last process, it counts the
+    rounds a cut run did before it resumed."""
+    return sum(r.get("seconds", {}).values()) + sum(x["seconds"] for x in r["rounds"])
+
+
 def table(runs: dict, title: str) -> list[str]:
     """Final accuracy (mean ± std over seeds, %) of every party per method; warm-up row first."""
     any_run = next(iter(runs.values()))
@@ -254,8 +261,8 @@ def table(runs: dict, title: str) -> list[str]:
     for name, rs in [("after warm-up", warm)] + list(runs.items()):
         cells = [acc_cell(rs, p) for p in parties] + [slm_mean(rs)]
         mb = [sum(x["bytes"].values()) / 1e6 for r in rs.values() for x in r["rounds"]]
-        wall = [r["wall_seconds"] for r in rs.values() if "wall_seconds" in r and r["rounds"]]
-        cells += [f"{statistics.mean(mb):.2f}" if mb else "–", f"{statistics.mean(wall):.0f}" if wall else "–"]
+        secs = [run_seconds(r) for r in rs.values() if r["rounds"]]
+        cells += [f"{statistics.mean(mb):.2f}" if mb else "–", f"{statistics.mean(secs):.0f}" if secs else "–"]
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     return md
 

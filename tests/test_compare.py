@@ -78,6 +78,7 @@ def test_tables_headroom_and_hypotheses(tmp_path):
     # lada: slm1 = 12/50 = 24% in every seed; SLM mean 24.0 +- 0.0; warm-up row: slm1 10%
     assert rows["lada"][2] == "24.0 ± 0.0" and rows["lada"][4] == "24.0 ± 0.0"
     assert rows["after warm-up"][2] == "10.0 ± 0.0"
+    assert rows["lada"][-1] == "10"  # s/run: the run's own records (one 10 s round), not a process's wall time
     h1 = next(line for line in text.splitlines() if line.startswith("| H1 hetero"))
     # lada - random: +1 on 5 of 50 problems of each SLM in every seed: 10 points, interval above 0
     assert "best baseline (random)" in h1 and "| +10.0 [+" in h1 and h1.endswith("| supported |")
