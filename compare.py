@@ -40,7 +40,7 @@ ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lad
 RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
 SEEDS = [0, 1, 2]
 # the follow-up (README "Follow-up: DARD's learning rate", pre-registered before its first run)
-TUNE_METHODS, TUNE_SCALES = ("fedmkt", "lada-filter", "lada"), (1.0, 0.3, 0.1)
+TUNE_METHODS, TUNE_SCALES, LOCAL_SCALES = ("fedmkt", "lada-filter", "lada"), (1.0, 0.3, 0.1), (1.0, 0.3, 0.1)
 FOLLOWUP_METHODS, FOLLOWUP_SEEDS = ("local", "fedmkt", "lada", "random", "lada-filter"), (3, 4, 5)
 
 
@@ -113,34 +113,54 @@ def grid_runs(scenarios, methods, seeds):
     yield from scenario_runs(lambda m: m == "lada-loss")
 
 
-def tune_runs():
-    """F0: each distilling method of the follow-up at each --distill_lr_scale, hetero seed 0, validation sets."""
-    res = ROOT / "results" / PRESET / "tune"
+def tuned_local_scale(res_dir: Path) -> float | None:
+    """F0, stage 1: the --local_lr_scale whose `local` run has the highest SLM mean on the validation sets
+    (a tie goes to the larger scale, the nearer to the registered setting); None while a run is missing."""
+    got = {x: runs_of(res_dir, "tune", f"local-l{x}").get(0) for x in LOCAL_SCALES}
+    if any(r is None for r in got.values()):
+        return None
+    return max(LOCAL_SCALES, key=lambda x: (slm_accuracy(got[x]), x))
+
+
+def tune_runs(res_dir: Path):
+    """F0 on hetero seed 0's validation sets. Stage 1: `local` at each --local_lr_scale. Stage 2, once stage 1
+    is in: each distilling method at the chosen local scale and each --distill_lr_scale."""
+    res, val = ROOT / "results" / PRESET / "tune", ["--eval_split", "val"]
+    for x in LOCAL_SCALES:
+        yield "hetero", "local", 0, val + ["--local_lr_scale", str(x)], res / f"local-l{x}-s0.json"
+    loc = tuned_local_scale(res_dir)
+    if loc is None:
+        return
     for m in TUNE_METHODS:
         for x in TUNE_SCALES:
-            yield "hetero", m, 0, ["--eval_split", "val", "--distill_lr_scale", str(x)], res / f"{m}-x{x}-s0.json"
+            yield ("hetero", m, 0, val + ["--local_lr_scale", str(loc), "--distill_lr_scale", str(x)],
+                   res / f"{m}-l{loc}-x{x}-s0.json")
 
 
 def tuned_scales(res_dir: Path) -> dict | None:
-    """{method: the --distill_lr_scale with the highest SLM mean on the validation sets} once every tuning
-    run is in (ties go to the larger scale, the nearer to the registered setting); `random` takes lada's
-    (the same loss), `local` none. None while a tuning run is missing."""
+    """{method: (--local_lr_scale, --distill_lr_scale)} once F0 is in: every method takes stage 1's local
+    scale; each distilling method the distillation scale with the highest SLM mean on the validation sets
+    (ties to the larger scale); `random` takes lada's (the same loss), `local` has no distillation (1).
+    None while a tuning run is missing."""
+    loc = tuned_local_scale(res_dir)
+    if loc is None:
+        return None
     best = {}
     for m in TUNE_METHODS:
-        got = {x: runs_of(res_dir, "tune", f"{m}-x{x}").get(0) for x in TUNE_SCALES}
+        got = {x: runs_of(res_dir, "tune", f"{m}-l{loc}-x{x}").get(0) for x in TUNE_SCALES}
         if any(r is None for r in got.values()):
             return None
         mean = {x: slm_accuracy(r) for x, r in got.items()}
-        best[m] = max(TUNE_SCALES, key=lambda x: (mean[x], x))
-    return dict(best, random=best["lada"], local=1.0)
+        best[m] = (loc, max(TUNE_SCALES, key=lambda x: (mean[x], x)))
+    return dict(best, random=best["lada"], local=(loc, 1.0))
 
 
 def followup_runs(scales: dict):
-    """F1-F4: hetero on the fresh seeds, each method at its tuned scale; `random` after `lada` (its counts)."""
+    """F1-F4: hetero on the fresh seeds, each method at its tuned scales; `random` after `lada` (its counts)."""
     res = ROOT / "results" / PRESET / "followup"
     for seed in FOLLOWUP_SEEDS:
         for m in FOLLOWUP_METHODS:
-            extra = ["--distill_lr_scale", str(scales[m])]
+            extra = ["--local_lr_scale", str(scales[m][0]), "--distill_lr_scale", str(scales[m][1])]
             if m == "random":
                 extra += ["--counts_from", str(res / f"lada-s{seed}.json")]
             yield "hetero", m, seed, extra, res / f"{m}-s{seed}.json"
@@ -355,13 +375,18 @@ def tables(res_dir: Path) -> str:
     gap = {k: v for k, v in gap.items() if v}
     if gap:
         md += table(gap, "Learnability gap (one2one: the smallest SLM with a mid-size or the large LLM)")
-    tune = {f"{m} ×{x}": runs_of(res_dir, "tune", f"{m}-x{x}") for m in TUNE_METHODS for x in TUNE_SCALES}
+    loc = tuned_local_scale(res_dir)
+    tune = {f"local, local ×{x}": runs_of(res_dir, "tune", f"local-l{x}") for x in LOCAL_SCALES}
+    tune.update({f"{m}, local ×{loc}, distill ×{x}": runs_of(res_dir, "tune", f"{m}-l{loc}-x{x}")
+                 for m in TUNE_METHODS for x in TUNE_SCALES} if loc is not None else {})
     tune = {k: v for k, v in tune.items() if v}
     if tune:
-        md += table(tune, "Follow-up F0: the distillation's learning rate (--distill_lr_scale), hetero seed 0, validation sets")
+        md += table(tune, "Follow-up F0: the learning rates (--local_lr_scale, then --distill_lr_scale), hetero seed 0, "
+                          "validation sets")
         scales = tuned_scales(res_dir)
-        md += ["", "Chosen (highest SLM mean): " + (", ".join(f"{m} ×{scales[m]}" for m in TUNE_METHODS) + " (random: lada's)"
-                                                  if scales else "not yet (tuning runs missing)") + "."]
+        md += ["", "Chosen (highest SLM mean): " + (
+            f"local step ×{loc}; distillation " + ", ".join(f"{m} ×{scales[m][1]}" for m in TUNE_METHODS)
+            + " (random: lada's)" if scales else "not yet (tuning runs missing)") + "."]
     followup = {m: runs_of(res_dir, "followup", m) for m in ORDER}
     followup = {m: r for m, r in followup.items() if r}
     if followup:
@@ -416,13 +441,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     res_dir = ROOT / "results" / PRESET
     seeds = [int(s) for s in args.seeds.split(",")]
+    passes = 0 if args.tables else 2 if args.tune else 1  # F0's stage 2 is known once its stage 1 is in
     if args.tune or args.followup:
         scales = tuned_scales(res_dir)
         if args.followup and scales is None:
-            print("compare.py: the follow-up's tuning is not finished (run --tune first: each method's distillation "
-                  "lr is chosen on validation sets before any follow-up test set is read)", file=sys.stderr)
+            print("compare.py: the follow-up's tuning is not finished (run --tune first: the learning rates are "
+                  "chosen on validation sets before any follow-up test set is read)", file=sys.stderr)
             return 2
-        todo = list(tune_runs() if args.tune else followup_runs(scales))
+        todo = list(tune_runs(res_dir) if args.tune else followup_runs(scales))
     elif not args.tables:
         todo = list(headroom_runs(seeds))
         if not args.headroom:
@@ -434,7 +460,9 @@ def main(argv=None):
                       "headroom the testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
                 return 2
             todo = list(grid_runs(args.scenarios.split(","), args.methods.split(","), seeds))
-    if not args.tables:
+    for pass_ in range(passes):
+        if pass_:
+            todo = list(tune_runs(res_dir))
         todo = [t for t in todo if not t[-1].exists()]
         t0 = time.time()
         for i, (scen, m, seed, extra, dest) in enumerate(todo):

@@ -10,7 +10,7 @@ import random
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +213,20 @@ def make_optimizer(model, lr, betas=(0.9, 0.999)):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=betas, fused=fused or None)
 
 
+@contextmanager
+def lr_scaled(opt, scale: float):
+    """The optimizer's learning rates times `scale` inside the block, as they were after it
+    (--local_lr_scale for the local step, --distill_lr_scale for distillation)."""
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = g["lr"] * scale
+    try:
+        yield
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+
+
 def optimizer_step(model, opt, loss):
     """Backward, clip the gradient norm to 1, step: the update every training loop here makes."""
     opt.zero_grad(set_to_none=True)
@@ -284,18 +298,21 @@ def local_batch_loss(model, local: TokenizedSet, batches, device):
     return sft_loss(model, local.batch(next(batches), device))
 
 
-def local_sft(model, tokenizer, opt, local_data, steps, batch_size, rng, device="cpu", max_len=None) -> float:
-    """Spec §2 step 1: `steps` SFT steps on the party's own data. Returns the mean loss."""
+def local_sft(model, tokenizer, opt, local_data, steps, batch_size, rng, device="cpu", max_len=None,
+              lr_scale: float = 1.0) -> float:
+    """Spec §2 step 1: `steps` SFT steps on the party's own data, at the optimizer's lr times
+    `lr_scale` (--local_lr_scale). Returns the mean loss."""
     if steps <= 0 or not local_data:
         return float("nan")
     local = as_tokenized(local_data, tokenizer, max_len)
     batches = local.batches(batch_size, rng)
     model.train()
     tot = 0.0
-    for _ in range(steps):
-        loss = local_batch_loss(model, local, batches, device)
-        optimizer_step(model, opt, loss)
-        tot = tot + loss.detach()
+    with lr_scaled(opt, lr_scale):
+        for _ in range(steps):
+            loss = local_batch_loss(model, local, batches, device)
+            optimizer_step(model, opt, loss)
+            tot = tot + loss.detach()
     model.eval()
     return float(tot) / steps
 
@@ -335,10 +352,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
     model.train()
     order = list(range(len(samples)))
     totals, steps = {}, 0
-    lrs = [g["lr"] for g in opt.param_groups]
-    for g in opt.param_groups:  # --distill_lr_scale: the distillation's own learning rate (restored below)
-        g["lr"] = g["lr"] * cfg.get("distill_lr_scale", 1.0)
-    try:
+    with lr_scaled(opt, cfg.get("distill_lr_scale", 1.0)):  # the distillation's own learning rate
         for _ in range(cfg["distill_epochs"]):
             rng.shuffle(order)
             for i in range(0, len(order), bs):
@@ -363,9 +377,6 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
                 steps += 1
                 for k, v in (("loss", total), (loss, l_main), ("anchor", l_local)):  # "anchor": not the local step's "local"
                     totals[k] = totals.get(k, 0.0) + v.detach()
-    finally:
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
     model.eval()
     return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples),
                 too_long=n_in - len(samples))

@@ -41,6 +41,7 @@ BASE = dict(
     alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
     local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
     distill_lr_scale=1.0,  # each party's lr times this during distillation (spec §2 step 6); local steps keep lr
+    local_lr_scale=1.0,  # each party's lr times this during its local step (spec §2 step 1)
     gen_temperature=0.7, max_new_tokens=320, max_len=1024, eval_batch=512, score_batch=256,
     # data (spec §1, §6): generated testbed sizes
     n_public=4000, n_private=3000, n_val=200, n_test=500, n_general=20000, dirichlet=0.5,
@@ -124,6 +125,7 @@ def resolve_config(args) -> dict:
 RANGES = dict(rounds=">= 1", pool_size=">= 1", budget=">= 1", min_budget=">= 1", threshold="in [0, 1]",
               filter_epochs=">= 1", filter_optimism="in [0, 1]", embed_dim=">= 1", beta="> 0", tau="> 0",
               local_batch=">= 1", distill_epochs=">= 1", distill_batch=">= 1", lr="> 0", lr_llm="> 0", distill_lr_scale="> 0",
+              local_lr_scale="> 0",
               max_new_tokens=">= 1", max_len=">= 16", eval_batch=">= 1", score_batch=">= 1", n_public=">= 1",
               n_private=">= 1", n_test=">= 1", dirichlet="> 0", min_steps=">= 1", max_steps=">= 1", max_value=">= 10",
               warm_llm=">= 1", warm_slm=">= 1", warm_batch=">= 1", warm_lr="> 0", seed="in [0, 2**32)",
@@ -705,6 +707,7 @@ HELP = {
     "local_batch": "local SFT batch size", "distill_epochs": "passes over the allocated samples",
     "distill_batch": "pairs per distillation step", "lr": "SLM learning rate (AdamW)", "lr_llm": "LLM learning rate",
     "distill_lr_scale": "each party's learning rate is multiplied by this during distillation (local steps keep theirs)",
+    "local_lr_scale": "each party's learning rate is multiplied by this during its local step (distillation keeps its own)",
     "gen_temperature": "sampling temperature of the exchanged paths", "max_new_tokens": "tokens per generated path",
     "max_len": "longest training sequence in tokens (prompt + path + EOS); longer ones are left out and counted, never cut",
     "n_public": "public pool size", "n_private": "private examples per client", "n_val": "validation examples per party",

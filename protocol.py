@@ -223,7 +223,7 @@ def local_step(party, cfg, rng) -> float:
     from distill import local_sft
 
     return local_sft(party.model, party.tok, party.opt, party.local, cfg["local_steps"], cfg["local_batch"], rng,
-                     cfg["device"])
+                     cfg["device"], lr_scale=cfg.get("local_lr_scale", 1.0))
 
 
 def server_offer(server, cfg, rnd, rng) -> dict:

@@ -148,25 +148,43 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
     w = ["--workdir", str(tmp_path / "w")]
     assert compare.main(["--followup"] + w) == 2 and not ran
     assert "tuning is not finished" in capsys.readouterr().err
-    assert compare.main(["--tune"] + w) == 0  # F0: validation sets only, seed 0
-    assert [(m, s) for m, s, _ in ran] == [(m, 0) for m in compare.TUNE_METHODS for _ in compare.TUNE_SCALES]
+    # F0 stage 1 (local at each local scale) as fake_run writes it: all tie, so the larger scale, 1.0, is chosen,
+    # and stage 2 runs in the same call: validation sets only, seed 0
+    assert compare.main(["--tune"] + w) == 0
+    assert [(m, s) for m, s, _ in ran] == [("local", 0)] * 3 + [(m, 0) for m in compare.TUNE_METHODS
+                                                                for _ in compare.TUNE_SCALES]
     assert all(e[:2] == ["--eval_split", "val"] for _, _, e in ran)
+    assert [e[3] for _, _, e in ran] == ["1.0", "0.3", "0.1"] + ["1.0"] * 9  # --local_lr_scale
+    # stage 1 again: local best at 0.3 (fewer SLM problems lost); stage 2 now reads the runs at local x0.3
+    import shutil
+
+    shutil.rmtree(res / "tune")
+    assert compare.tuned_scales(res) is None
+    for x, k in {1.0: 3, 0.3: 8, 0.1: 6}.items():
+        _write(res / "tune", f"local-l{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
+    assert compare.tuned_local_scale(res) == 0.3 and compare.tuned_scales(res) is None
+    stage2 = [t for t in compare.tune_runs(res) if t[1] != "local"]
+    assert [t[3][3] for t in stage2] == ["0.3"] * 9 and stage2[0][-1].name == "fedmkt-l0.3-x1.0-s0.json"
     # SLM means on validation: fedmkt best at 1.0, lada-filter tied between 0.3 and 0.1 (-> 0.3), lada best at 0.1
     hits = {"fedmkt": {1.0: 8, 0.3: 6, 0.1: 4}, "lada-filter": {1.0: 3, 0.3: 7, 0.1: 7}, "lada": {1.0: 1, 0.3: 5, 0.1: 9}}
     for m, by in hits.items():
         for x, k in by.items():
-            _write(res / "tune", f"{m}-x{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
-    assert compare.tuned_scales(res) == {"fedmkt": 1.0, "lada-filter": 0.3, "lada": 0.1, "random": 0.1, "local": 1.0}
+            _write(res / "tune", f"{m}-l0.3-x{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20),
+                                                                "slm2": _bits(k, 20)}))
+    assert compare.tuned_scales(res) == {"fedmkt": (0.3, 1.0), "lada-filter": (0.3, 0.3), "lada": (0.3, 0.1),
+                                         "random": (0.3, 0.1), "local": (0.3, 1.0)}
+    assert "Chosen (highest SLM mean): local step ×0.3; distillation fedmkt ×1.0, lada-filter ×0.3, lada ×0.1" in \
+        compare.tables(res)
     ran.clear()
     assert compare.main(["--followup"] + w) == 0
     assert [(m, s) for m, s, _ in ran] == [(m, s) for s in compare.FOLLOWUP_SEEDS for m in compare.FOLLOWUP_METHODS]
-    scale = {m: float(e[e.index("--distill_lr_scale") + 1]) for m, s, e in ran if s == 3}
-    assert scale == {"local": 1.0, "fedmkt": 1.0, "lada": 0.1, "random": 0.1, "lada-filter": 0.3}
+    scale = {m: (float(e[e.index("--local_lr_scale") + 1]), float(e[e.index("--distill_lr_scale") + 1]))
+             for m, s, e in ran if s == 3}
+    assert scale == {"local": (0.3, 1.0), "fedmkt": (0.3, 1.0), "lada": (0.3, 0.1), "random": (0.3, 0.1),
+                     "lada-filter": (0.3, 0.3)}
     extra = {m: e for m, s, e in ran if s == 4}
     assert extra["random"][-2:] == ["--counts_from", str(res / "followup" / "lada-s4.json")]
     # the follow-up's own hypotheses, F1-F4, from its results alone; interim while seeds are missing
-    import shutil
-
     shutil.rmtree(res / "followup")
     for m, k in {"local": 2, "fedmkt": 4, "random": 4, "lada-filter": 5, "lada": 12}.items():
         _write(res / "followup", f"{m}-s3", _result({"llm": _bits(10, 40), "slm1": _bits(k, 40)}))
@@ -188,15 +206,19 @@ def test_runs_are_claimed_so_that_processes_can_share_a_grid(tmp_path, monkeypat
     monkeypatch.setattr(compare, "plot", lambda *a: None)
     (tmp_path / "README.md").write_text("# x\n")
     w = tmp_path / "w"
-    first = next(compare.tune_runs())[-1]
+    first = next(compare.tune_runs(tmp_path / "results" / compare.PRESET))[-1]
     lock = compare.claim(first, w)
     assert lock is not None and lock.read_text() == str(os.getpid())
     assert compare.claim(first, w) is None  # held by a live process (this one)
     ran = []
-    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append(a[4]))
+    def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
+        ran.append(dest)
+        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
     assert compare.main(["--tune", "--workdir", str(w)]) == 0
-    assert first not in ran and len(ran) == len(list(compare.tune_runs())) - 1  # the held run is left to its holder
-    assert not any((w / "locks").glob("*-x0.3-*"))  # the others were released
+    assert first not in ran and len(ran) == len(list(compare.tune_runs(tmp_path / "results" / compare.PRESET))) - 1  # the held run is left
+    assert not any((w / "locks").glob("*-l0.3-*"))  # the others were released
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(str(gone.pid))  # its holder died: the next process takes it over

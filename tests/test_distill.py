@@ -201,6 +201,29 @@ def test_distill_lr_scale_scales_the_first_step(tok, loss):
     torch.testing.assert_close(moved[0.1], 0.1 * moved[1.0], rtol=1e-3, atol=1e-8)
 
 
+def test_local_lr_scale_scales_the_local_step_and_protocol_passes_it(tok):
+    """The same first-step argument for spec §2 step 1: --local_lr_scale 0.1 moves every weight a
+    tenth as far, and the optimizer's lr is as it was after (distillation keeps its own).
+    protocol.local_step, the loop's step 1, takes the scale from the config."""
+    import types
+
+    import protocol
+
+    rows = [dict(question=s["question"], answer=s["y_pos"]) for s in _pairs(4, seed=6)]
+    moved = {}
+    for scale in (1.0, 0.1):
+        model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"])
+        opt = distill.make_optimizer(model, 1e-3)
+        before = [p.detach().clone() for p in model.parameters()]
+        party = types.SimpleNamespace(model=model, tok=tok, opt=opt, local=distill.as_tokenized(rows, tok))
+        protocol.local_step(party, dict(local_steps=1, local_batch=4, device="cpu", local_lr_scale=scale),
+                            random.Random(0))
+        assert opt.param_groups[0]["lr"] == 1e-3
+        moved[scale] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert moved[1.0].abs().max() > 1e-4
+    torch.testing.assert_close(moved[0.1], 0.1 * moved[1.0], rtol=1e-3, atol=1e-8)
+
+
 def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
     """DARD's pi_ref: log-probs of y+ and y- under the model exactly as distill() is called, frozen
     for every step after (README: departures from the spec)."""
