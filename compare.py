@@ -3,7 +3,7 @@
     python compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
     python compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
     python compare.py --tables                # only rebuild the tables, verdicts and plot from results/
-    python compare.py --tune                  # follow-up F0: the distillation's lr per loss (hetero, seed 0, validation)
+    python compare.py --tune                  # follow-up F0: the local step's lr, then the distillation's per loss (hetero, seed 0, validation)
     python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
 
 Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
