@@ -119,7 +119,7 @@ def tuned_local_scale(res_dir: Path) -> float | None:
     got = {x: runs_of(res_dir, "tune", f"local-l{x}").get(0) for x in LOCAL_SCALES}
     if any(r is None for r in got.values()):
         return None
-    return max(LOCAL_SCALES, key=lambda x: (slm_accuracy(got[x]), x))
+    return max(LOCAL_SCALES, key=lambda x: (round(slm_accuracy(got[x]), 9), x))  # rounded: a tie is a tie
 
 
 def tune_runs(res_dir: Path):
@@ -150,7 +150,7 @@ def tuned_scales(res_dir: Path) -> dict | None:
         got = {x: runs_of(res_dir, "tune", f"{m}-l{loc}-x{x}").get(0) for x in TUNE_SCALES}
         if any(r is None for r in got.values()):
             return None
-        mean = {x: slm_accuracy(r) for x, r in got.items()}
+        mean = {x: round(slm_accuracy(r), 9) for x, r in got.items()}  # equal counts tie whatever the float sum order
         best[m] = (loc, max(TUNE_SCALES, key=lambda x: (mean[x], x)))
     return dict(best, random=best["lada"], local=(loc, 1.0))
 

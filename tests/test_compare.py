@@ -163,6 +163,16 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
     for x, k in {1.0: 3, 0.3: 8, 0.1: 6}.items():
         _write(res / "tune", f"local-l{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
     assert compare.tuned_local_scale(res) == 0.3 and compare.tuned_scales(res) is None
+    # a tie in counts is a tie, even where the float means differ in the last bit (1+0+6 vs 0+0+7 of 200 each)
+    tie = {0.3: (1, 0, 6), 0.1: (0, 0, 7), 1.0: (0, 0, 1)}
+    for x, ks in tie.items():
+        _write(res / "tune", f"local-l{x}-s0", _result({"llm": _bits(10, 200), **{f"slm{i + 1}": _bits(k, 200)
+                                                                                   for i, k in enumerate(ks)}}))
+    assert compare.slm_accuracy(compare.runs_of(res, "tune", "local-l0.3")[0]) < \
+        compare.slm_accuracy(compare.runs_of(res, "tune", "local-l0.1")[0])
+    assert compare.tuned_local_scale(res) == 0.3
+    for x, k in {1.0: 3, 0.3: 8, 0.1: 6}.items():
+        _write(res / "tune", f"local-l{x}-s0", _result({"llm": _bits(10, 20), "slm1": _bits(k, 20), "slm2": _bits(k, 20)}))
     stage2 = [t for t in compare.tune_runs(res) if t[1] != "local"]
     assert [t[3][3] for t in stage2] == ["0.3"] * 9 and stage2[0][-1].name == "fedmkt-l0.3-x1.0-s0.json"
     # SLM means on validation: fedmkt best at 1.0, lada-filter tied between 0.3 and 0.1 (-> 0.3), lada best at 0.1
