@@ -113,13 +113,19 @@ def grid_runs(scenarios, methods, seeds):
     yield from scenario_runs(lambda m: m == "lada-loss")
 
 
-def tuned_local_scale(res_dir: Path) -> float | None:
-    """F0, stage 1: the --local_lr_scale whose `local` run has the highest SLM mean on the validation sets
-    (a tie goes to the larger scale, the nearer to the registered setting); None while a run is missing."""
-    got = {x: runs_of(res_dir, "tune", f"local-l{x}").get(0) for x in LOCAL_SCALES}
+def best_scale(res_dir: Path, name: str, scales) -> float | None:
+    """The scale x whose tuning run `name.format(x=x)` has the highest SLM mean on the validation sets;
+    a tie goes to the larger scale, the nearer to the registered setting (means rounded: equal counts can
+    differ in the float's last bit). None while a run is missing."""
+    got = {x: runs_of(res_dir, "tune", name.format(x=x)).get(0) for x in scales}
     if any(r is None for r in got.values()):
         return None
-    return max(LOCAL_SCALES, key=lambda x: (round(slm_accuracy(got[x]), 9), x))  # rounded: a tie is a tie
+    return max(scales, key=lambda x: (round(slm_accuracy(got[x]), 9), x))
+
+
+def tuned_local_scale(res_dir: Path) -> float | None:
+    """F0, stage 1: the --local_lr_scale whose `local` run is best (`best_scale`)."""
+    return best_scale(res_dir, "local-l{x}", LOCAL_SCALES)
 
 
 def tune_runs(res_dir: Path):
@@ -145,13 +151,10 @@ def tuned_scales(res_dir: Path) -> dict | None:
     loc = tuned_local_scale(res_dir)
     if loc is None:
         return None
-    best = {}
-    for m in TUNE_METHODS:
-        got = {x: runs_of(res_dir, "tune", f"{m}-l{loc}-x{x}").get(0) for x in TUNE_SCALES}
-        if any(r is None for r in got.values()):
-            return None
-        mean = {x: round(slm_accuracy(r), 9) for x, r in got.items()}  # equal counts tie whatever the float sum order
-        best[m] = (loc, max(TUNE_SCALES, key=lambda x: (mean[x], x)))
+    best = {m: best_scale(res_dir, f"{m}-l{loc}-x{{x}}", TUNE_SCALES) for m in TUNE_METHODS}
+    if any(x is None for x in best.values()):
+        return None
+    best = {m: (loc, x) for m, x in best.items()}
     return dict(best, random=best["lada"], local=(loc, 1.0))
 
 
