@@ -3,6 +3,7 @@
     python compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
     python compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
     python compare.py --tables                # only rebuild the tables, verdicts and plot from results/
+    python compare.py --status --workdir W    # what is done, running and to do, and the hours left
     python compare.py --tune                  # follow-up F0: the local step's lr, then the distillation's per loss (hetero, seed 0, validation)
     python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
 
@@ -69,7 +70,7 @@ def claim(dest: Path, workdir: Path):
     """A lock file per run, so that several compare.py processes can share one grid (and one workdir):
     returns the lock, or None while another live process holds the run. A lock whose process is gone
     is taken over (that run resumes from its last round)."""
-    lock = workdir / "locks" / (dest.relative_to(ROOT / "results" / PRESET).as_posix().replace("/", "__") + ".lock")
+    lock = lock_path(dest, workdir)
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -174,6 +175,73 @@ def headroom_runs(seeds):
     for seed in seeds:
         for m in ("local", "oracle"):
             yield "hetero", m, seed, ["--eval_split", "val"], res / f"{m}-s{seed}.json"  # tuning reads no test set
+
+
+def lock_path(dest: Path, workdir: Path) -> Path:
+    return workdir / "locks" / (dest.relative_to(ROOT / "results" / PRESET).as_posix().replace("/", "__") + ".lock")
+
+
+def holder(dest: Path, workdir: Path) -> int | None:
+    """The pid of the live process that holds the run's lock, or None."""
+    try:
+        pid = int(lock_path(dest, workdir).read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except PermissionError:
+        return pid  # alive, another user's
+    except (ValueError, OSError):
+        return None
+
+
+def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]:
+    """What of the whole comparison is done, running (a live process holds its lock) and still to do,
+    and the hours left at the pace of the finished runs (`run_seconds`, as they ran: mostly two at a
+    time): a run to do is estimated by the median of the finished runs of its method in the same
+    folder (hetero, gap, tune, ...), else of its method anywhere, else of all runs; a running run by
+    that times the share of its rounds not yet in its log."""
+    done = {}  # (folder, method) -> [seconds]
+    for f in res_dir.glob("*/*.json"):
+        r = json.loads(f.read_text())
+        done.setdefault((f.parent.name, r.get("config", {}).get("method", "")), []).append(run_seconds(r))
+    every = [x for xs in done.values() for x in xs]
+
+    def estimate(dest: Path, method: str) -> float:
+        same = done.get((dest.parent.name, method)) or [x for (_, m), xs in done.items() if m == method for x in xs]
+        return statistics.median(same or every or [0.0])
+
+    loc = tuned_local_scale(res_dir)
+    tune = list(tune_runs(res_dir))
+    if loc is None:  # stage 2 not yet named: counted at the scale 1 (the same number of runs)
+        tune += [("hetero", m, 0, [], res_dir / "tune" / f"{m}-l?-x{x}-s0.json") for m in TUNE_METHODS for x in TUNE_SCALES]
+    scales = tuned_scales(res_dir) or {m: (1.0, 1.0) for m in FOLLOWUP_METHODS}  # result files do not depend on them
+    parts = {"headroom": headroom_runs(seeds), "grid": grid_runs(scenarios, methods, seeds),
+             "follow-up F0": tune, "follow-up F1-F4": followup_runs(scales)}
+    rounds = {**federated.BASE, **federated.PRESETS[PRESET]}["rounds"]
+    lines = ["| part | runs | done | running | to do | hours left (one process, at the finished runs' pace) |",
+             "|---|---|---|---|---|---|"]
+    running, total = [], 0.0
+    for part, runs in parts.items():
+        n = n_done = n_run = 0
+        left = 0.0
+        for scen, m, seed, extra, dest in runs:
+            n += 1
+            if dest.exists():
+                n_done += 1
+                continue
+            est = estimate(dest, m)
+            pid = holder(dest, workdir) if "?" not in dest.name else None
+            if pid is None:
+                left += est
+                continue
+            n_run += 1
+            log = workdir / dest.relative_to(res_dir).with_suffix("") / "log.jsonl"
+            got = len(log.read_text().splitlines()) if log.exists() else 0
+            left += est * (1 - min(got, rounds) / rounds)
+            running.append(f"- running: {dest.relative_to(res_dir)} (pid {pid}), {got} of {rounds} rounds in its log")
+        total += left
+        lines.append(f"| {part} | {n} | {n_done} | {n_run} | {n - n_done - n_run} | {left / 3600:.1f} |")
+    lines.append(f"| all | | | | | {total / 3600:.1f} |")
+    return lines + [""] + running
 
 
 # -----------------------------------------------------------------------------
@@ -437,6 +505,7 @@ def main(argv=None):
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--headroom", action="store_true", help="run only the headroom check (oracle vs local)")
     p.add_argument("--tables", action="store_true", help="only rebuild tables, verdicts and plot from results/")
+    p.add_argument("--status", action="store_true", help="only show what is done, running and to do, and the hours left")
     p.add_argument("--tune", action="store_true", help="run only the follow-up's tuning (F0, validation sets)")
     p.add_argument("--followup", action="store_true", help="run only the follow-up (F1-F4, seeds 3-5), after --tune")
     p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
@@ -444,6 +513,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     res_dir = ROOT / "results" / PRESET
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.status:
+        print("\n".join(status(res_dir, Path(args.workdir), seeds, args.scenarios.split(","), args.methods.split(","))))
+        return 0
     passes = 0 if args.tables else 2 if args.tune else 1  # F0's stage 2 is known once its stage 1 is in
     if args.tune or args.followup:
         scales = tuned_scales(res_dir)

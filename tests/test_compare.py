@@ -233,3 +233,39 @@ def test_runs_are_claimed_so_that_processes_can_share_a_grid(tmp_path, monkeypat
     gone.wait()
     lock.write_text(str(gone.pid))  # its holder died: the next process takes it over
     assert compare.claim(first, w) == lock and lock.read_text() == str(os.getpid())
+
+
+def test_status_counts_runs_and_estimates_the_hours_left(tmp_path, monkeypatch):
+    """--status: a finished run is done, a run whose lock a live process holds is running (charged for
+    the rounds not yet in its log), a lock of a dead process is to do; each run is estimated by the
+    median time of the finished runs of its method in its folder, else of its method, else of all."""
+    import os
+    import subprocess
+    import sys
+
+    res = tmp_path / "results" / compare.PRESET
+    run = lambda method, setup, rounds: {"config": {"method": method}, "seconds": {"warm-up": setup},  # noqa: E731
+                                         "rounds": [{"seconds": s} for s in rounds]}
+    _write(res / "hetero", "local-s0", run("local", 100.0, [120.0, 80.0]))  # 300 s
+    _write(res / "gap", "mid-lada-s1", run("lada", 0.0, [600.0]))  # 600 s, a seed outside the grid's
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    work = tmp_path / "w"
+    live = compare.lock_path(res / "hetero" / "lada-s0.json", work)
+    live.parent.mkdir(parents=True)
+    live.write_text(str(os.getpid()))
+    (work / "hetero" / "lada-s0").mkdir(parents=True)
+    (work / "hetero" / "lada-s0" / "log.jsonl").write_text("{}\n{}\n")  # 2 of 5 rounds
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    compare.lock_path(res / "gap" / "mid-lada-s0.json", work).write_text(str(dead.pid))
+    rows = {line.split(" | ")[0][2:]: line.strip("| ").split(" | ")
+            for line in compare.status(res, work, [0], ["hetero"], ["local", "lada"]) if line.startswith("| ")}
+    # grid: hetero local (done), hetero lada (running: 600 x 3/5 = 360), the 4 gap runs of seed 0 to do:
+    # lada-loss has no finished run anywhere (median of all: 450), lada 600 -> 360 + 2 x 450 + 2 x 600 = 2460 s
+    assert rows["grid"][1:] == ["6", "1", "1", "4", f"{2460 / 3600:.1f}"]
+    assert rows["headroom"][1:] == ["2", "0", "0", "2", f"{(300 + 450) / 3600:.1f}"]  # local 300, oracle 450
+    # F0: stage 1's 3 local runs (300 each), stage 2's 9 runs (fedmkt, lada-filter 450; lada 600)
+    assert rows["follow-up F0"][1:] == ["12", "0", "0", "12", f"{(900 + 3 * (450 + 450 + 600)) / 3600:.1f}"]
+    f14 = 3 * (300 + 450 + 600 + 450 + 450)  # local, fedmkt, lada, random, lada-filter on seeds 3-5
+    assert rows["follow-up F1-F4"][1:] == ["15", "0", "0", "15", f"{f14 / 3600:.1f}"]
+    assert rows["all"][-1] == f"{(2460 + 750 + 5400 + f14) / 3600:.1f}"
