@@ -461,7 +461,7 @@ def tables(res_dir: Path) -> str:
     followup = {m: runs_of(res_dir, "followup", m) for m in ORDER}
     followup = {m: r for m, r in followup.items() if r}
     if followup:
-        md += table(followup, "Follow-up: hetero, seeds 3–5, each method at its tuned distillation lr (test sets)")
+        md += table(followup, "Follow-up: hetero, seeds 3–5, each method at its learning rates from F0 (the local step's, then its distillation's; test sets)")
     md += hypotheses(res_dir)
     return "\n".join(md)
 
