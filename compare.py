@@ -76,14 +76,10 @@ def claim(dest: Path, workdir: Path):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                os.kill(int(lock.read_text().strip() or -1), 0)
+            if holder(dest, workdir) is not None:
                 return None  # held by a live process
-            except PermissionError:
-                return None  # a live process of another user
-            except (ValueError, OSError):
-                lock.unlink(missing_ok=True)  # its process is gone
-                continue
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
         return lock
@@ -211,7 +207,7 @@ def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]
 
     loc = tuned_local_scale(res_dir)
     tune = list(tune_runs(res_dir))
-    if loc is None:  # stage 2 not yet named: counted at the scale 1 (the same number of runs)
+    if loc is None:  # stage 2's local scale is not chosen yet: its runs counted under a placeholder name (no file, no lock)
         tune += [("hetero", m, 0, [], res_dir / "tune" / f"{m}-l?-x{x}-s0.json") for m in TUNE_METHODS for x in TUNE_SCALES]
     scales = tuned_scales(res_dir) or {m: (1.0, 1.0) for m in FOLLOWUP_METHODS}  # result files do not depend on them
     parts = {"headroom": headroom_runs(seeds), "grid": grid_runs(scenarios, methods, seeds),
@@ -229,7 +225,7 @@ def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]
                 n_done += 1
                 continue
             est = estimate(dest, m)
-            pid = holder(dest, workdir) if "?" not in dest.name else None
+            pid = holder(dest, workdir)
             if pid is None:
                 left += est
                 continue

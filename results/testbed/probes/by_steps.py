@@ -40,7 +40,7 @@ def table(scenario, methods, seeds):
                 continue
             r = json.loads(path.read_text())
             if splits is None:
-                splits = F.make_data(r["config"], len(r["config"].get("slm_names", [])) or sum(k.startswith("slm") for k in r["initial"]))
+                splits = F.make_data(r["config"], sum(k.startswith("slm") for k in r["initial"]))
             used[method].append(seed)
             sets = {f"slm{k + 1}": c["test"] for k, c in enumerate(splits["clients"])}
             sets["llm"] = splits["public_test"]
