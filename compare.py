@@ -6,15 +6,19 @@
     python compare.py --status --workdir W    # what is done, running and to do, and the hours left
     python compare.py --tune                  # follow-up F0: the local step's lr, then the distillation's per loss (hetero, seed 0, validation)
     python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
+    python compare.py --jobs 16               # any of the above in 16 processes that share the runs (one per core)
+    python compare.py --preset smoke --force --seeds 0   # the whole pipeline in minutes (results in runs/compare-smoke)
 
 Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
 data, the warm-ups and the rounds. Its results.json is copied to
 results/testbed/<scenario>/<method>-s<seed>.json (committed), so the tables, the hypotheses' verdicts
 and the plot are rebuilt from those files alone. A run whose file exists is skipped and an
 interrupted run resumes from its last round: an interrupted grid loses one round at most. Several
-compare.py processes can share a grid and a --workdir (e.g. `--seeds 0,2` and `--seeds 1`, or the grid
-beside --tune): each claims a run with a lock file before starting it, skips a run another live process
-holds, and skips a `random` run whose `lada` counts are not written yet (a later pass runs it).
+compare.py processes can share a grid and a --workdir (`--jobs N` starts them; or by hand, e.g. `--seeds
+0,2` and `--seeds 1`, or the grid beside --tune): each claims a run with a lock file before starting it,
+leaves a run another live process holds, starts a `random` run once its `lada` counts are written, and
+when nothing is left to start, waits while another process holds what it waits for. Runs of the same
+seed share warm-ups through the cache, each party warmed up by one process (models.lock_entry).
 `random` runs after `lada` of the same scenario and seed and allocates, per student and round, the
 count lada's filter picked (--counts_from), so the two differ only in which samples.
 
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +40,9 @@ import numpy as np
 import federated
 
 ROOT = Path(__file__).resolve().parent
-PRESET = "testbed"
+PRESET = "testbed"  # --preset
+RESULTS = None  # --results: where the result files go (None: the repository's results/, committed)
+POLL = 60  # seconds between looks at runs that other processes hold
 BASELINES = ["local", "fedmkt", "random", "fedavg"]
 ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lada"]  # lada before random (its counts)
 RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
@@ -48,9 +55,17 @@ FOLLOWUP_METHODS, FOLLOWUP_SEEDS = ("local", "fedmkt", "lada", "random", "lada-f
 # -----------------------------------------------------------------------------
 # Runs
 
+def res_root() -> Path:
+    return (RESULTS or ROOT / "results") / PRESET
+
+
+def show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     """federated.py once (resuming its own directory if it was cut), results.json copied to dest atomically."""
-    out = workdir / dest.relative_to(ROOT / "results" / PRESET).with_suffix("")
+    out = workdir / dest.relative_to(res_root()).with_suffix("")
     args = ["--preset", PRESET, "--scenario", scenario, "--method", method, "--seed", str(seed), "--out", str(out),
             "--cache", str(workdir / "cache")] + extra + (["--resume"] if (out / "ckpt").exists() else [])
     t0 = time.time()
@@ -63,7 +78,7 @@ def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     tmp = dest.with_suffix(".tmp")
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, dest)
-    print(f"compare.py: {dest.relative_to(ROOT)} in {res['wall_seconds']:.0f}s", flush=True)
+    print(f"compare.py: {show(dest)} in {res['wall_seconds']:.0f}s", flush=True)
 
 
 def claim(dest: Path, workdir: Path):
@@ -91,7 +106,7 @@ def grid_runs(scenarios, methods, seeds):
     scenario, each with all its seeds (a grid cut short leaves whole scenarios to test), then the gap
     runs; `random` after `lada`. `lada-loss` of the scenarios comes last: it trains on the whole pool in
     both directions (the costliest run by far) and no hypothesis reads it outside the gap runs."""
-    res = ROOT / "results" / PRESET
+    res = res_root()
 
     def scenario_runs(pick):
         for scen in scenarios:
@@ -128,7 +143,7 @@ def tuned_local_scale(res_dir: Path) -> float | None:
 def tune_runs(res_dir: Path):
     """F0 on hetero seed 0's validation sets. Stage 1: `local` at each --local_lr_scale. Stage 2, once stage 1
     is in: each distilling method at the chosen local scale and each --distill_lr_scale."""
-    res, val = ROOT / "results" / PRESET / "tune", ["--eval_split", "val"]
+    res, val = res_root() / "tune", ["--eval_split", "val"]
     for x in LOCAL_SCALES:
         yield "hetero", "local", 0, val + ["--local_lr_scale", str(x)], res / f"local-l{x}-s0.json"
     loc = tuned_local_scale(res_dir)
@@ -157,7 +172,7 @@ def tuned_scales(res_dir: Path) -> dict | None:
 
 def followup_runs(scales: dict):
     """F1-F4: hetero on the fresh seeds, each method at its tuned scales; `random` after `lada` (its counts)."""
-    res = ROOT / "results" / PRESET / "followup"
+    res = res_root() / "followup"
     for seed in FOLLOWUP_SEEDS:
         for m in FOLLOWUP_METHODS:
             extra = ["--local_lr_scale", str(scales[m][0]), "--distill_lr_scale", str(scales[m][1])]
@@ -167,14 +182,14 @@ def followup_runs(scales: dict):
 
 
 def headroom_runs(seeds):
-    res = ROOT / "results" / PRESET / "headroom"
+    res = res_root() / "headroom"
     for seed in seeds:
         for m in ("local", "oracle"):
             yield "hetero", m, seed, ["--eval_split", "val"], res / f"{m}-s{seed}.json"  # tuning reads no test set
 
 
 def lock_path(dest: Path, workdir: Path) -> Path:
-    return workdir / "locks" / (dest.relative_to(ROOT / "results" / PRESET).as_posix().replace("/", "__") + ".lock")
+    return workdir / "locks" / (dest.relative_to(res_root()).as_posix().replace("/", "__") + ".lock")
 
 
 def holder(dest: Path, workdir: Path) -> int | None:
@@ -494,7 +509,82 @@ def plot(res_dir: Path, scenario="hetero"):
     return path
 
 
+def counts_of(extra) -> Path | None:
+    """The lada result a `random` run takes its counts from (--counts_from), or None."""
+    return Path(extra[extra.index("--counts_from") + 1]) if "--counts_from" in extra else None
+
+
+def wait_for_others(blocked, workdir: Path):
+    """Nothing this process can start now: wait while other processes run what it waits for."""
+    print(f"compare.py: waiting for {len(blocked)} run(s) that other processes hold (looking again every "
+          f"{POLL} s): {', '.join(show(t[-1]) for t in blocked[:3])}{' ...' if len(blocked) > 3 else ''}", flush=True)
+    time.sleep(POLL)
+
+
+def run_all(make_todo, workdir: Path) -> list:
+    """Run, in order, every run of make_todo() whose result file is missing, claiming each first (`claim`),
+    and look again until none is left: the list is made again after each pass (F0's stage 2 appears once
+    stage 1 is in; a `random` run starts once its lada counts are written). When nothing can start, wait
+    while another live process holds a missing run (or the lada run a `random` waits for); otherwise stop.
+    Returns the runs left (those this process cannot run: their counts come from a run it does not have)."""
+    t0, n_ran = time.time(), 0
+    while True:
+        todo = [t for t in make_todo() if not t[-1].exists()]
+        ran = False
+        for scen, m, seed, extra, dest in todo:
+            counts = counts_of(extra)
+            if counts is not None and not counts.exists():
+                continue  # its lada run comes first (this pass, a later one, or another process)
+            lock = None if dest.exists() else claim(dest, workdir)
+            if lock is None:  # finished meanwhile, or another process runs it
+                continue
+            left = sum(not t[-1].exists() for t in todo)
+            if n_ran:
+                eta = (time.time() - t0) / n_ran * left
+                print(f"compare.py: {left} run(s) to do in this list, ETA {eta / 60:.0f} min at this process's pace", flush=True)
+            try:
+                run_one(scen, m, seed, extra, dest, workdir)
+            finally:
+                lock.unlink(missing_ok=True)
+            ran, n_ran = True, n_ran + 1
+        todo = [t for t in make_todo() if not t[-1].exists()]
+        if not todo or ran:
+            if not todo:
+                print(f"compare.py: {n_ran} run(s) by this process in {time.time() - t0:.0f}s; none left", flush=True)
+                return []
+            continue
+        blocked = [t for t in todo if holder(t[-1], workdir) is not None
+                   or (counts_of(t[3]) is not None and not counts_of(t[3]).exists() and holder(counts_of(t[3]), workdir) is not None)]
+        if not blocked:
+            print(f"compare.py: {len(todo)} run(s) left that this process cannot run (their counts come from runs "
+                  f"not in its list): {', '.join(show(t[-1]) for t in todo)}", flush=True)
+            return todo
+        wait_for_others(blocked, workdir)
+
+
+def start_jobs(args, n: int) -> list:
+    """n - 1 more compare.py processes on the same runs (`--worker`: they run, the first one builds the
+    tables), each with cores / n threads; their output goes to WORKDIR/logs/job<i>.log."""
+    threads = max(1, (os.cpu_count() or 1) // n)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, str(ROOT / "compare.py"), "--worker", "--seeds", args.seeds, "--scenarios", args.scenarios,
+           "--methods", args.methods, "--workdir", args.workdir, "--preset", args.preset]
+    cmd += ["--results", args.results] if args.results else []
+    cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force") if getattr(args, f)]
+    logs = Path(args.workdir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i in range(1, n):
+        with open(logs / f"job{i}.log", "a") as log:
+            jobs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    print(f"compare.py: {n} processes, {threads} thread(s) each; the others' output: {logs}/job1..{n - 1}.log", flush=True)
+    import torch
+    torch.set_num_threads(threads)
+    return jobs
+
+
 def main(argv=None):
+    global PRESET, RESULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
     p.add_argument("--scenarios", default=",".join(federated.SCENARIOS))
@@ -505,23 +595,38 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="run only the follow-up's tuning (F0, validation sets)")
     p.add_argument("--followup", action="store_true", help="run only the follow-up (F1-F4, seeds 3-5), after --tune")
     p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
-    p.add_argument("--workdir", default="runs/compare", help="run directories and the model cache")
+    p.add_argument("--jobs", type=int, default=1, help="processes that share the runs, each with cores / jobs threads "
+                   "(a run uses one core well; warm-ups shared through the cache are done once)")
+    p.add_argument("--workdir", default=None, help="run directories, the model cache and the locks "
+                   "(default runs/compare, or runs/compare-PRESET for another preset)")
+    p.add_argument("--preset", default=PRESET, choices=sorted(federated.PRESETS),
+                   help="every run's preset (testbed: the registered comparison; smoke: the pipeline in minutes)")
+    p.add_argument("--results", default=None, help="where the result files go (default: results/, committed, for "
+                   "testbed, whose README tables are rebuilt only from there; WORKDIR/results for another preset)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs' processes: no tables
     args = p.parse_args(argv)
-    res_dir = ROOT / "results" / PRESET
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: needs at least 1")
+    PRESET = args.preset
+    args.workdir = args.workdir or ("runs/compare" if PRESET == "testbed" else f"runs/compare-{PRESET}")
+    if args.results is None and PRESET != "testbed":  # only the registered comparison's results are committed
+        args.results = str(Path(args.workdir) / "results")
+    RESULTS = Path(args.results).resolve() if args.results else None
+    res_dir, workdir = res_root(), Path(args.workdir)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.status:
-        print("\n".join(status(res_dir, Path(args.workdir), seeds, args.scenarios.split(","), args.methods.split(","))))
+        print("\n".join(status(res_dir, workdir, seeds, args.scenarios.split(","), args.methods.split(","))))
         return 0
-    passes = 0 if args.tables else 2 if args.tune else 1  # F0's stage 2 is known once its stage 1 is in
+    make_todo = None
     if args.tune or args.followup:
         scales = tuned_scales(res_dir)
         if args.followup and scales is None:
             print("compare.py: the follow-up's tuning is not finished (run --tune first: the learning rates are "
                   "chosen on validation sets before any follow-up test set is read)", file=sys.stderr)
             return 2
-        todo = list(tune_runs(res_dir) if args.tune else followup_runs(scales))
+        make_todo = (lambda: tune_runs(res_dir)) if args.tune else (lambda: followup_runs(scales))
     elif not args.tables:
-        todo = list(headroom_runs(seeds))
+        make_todo = lambda: headroom_runs(seeds)  # noqa: E731
         if not args.headroom:
             _, ok = headroom(res_dir)
             checked = set(runs_of(res_dir, "headroom", "local")) & set(runs_of(res_dir, "headroom", "oracle"))
@@ -530,38 +635,25 @@ def main(argv=None):
                 print(f"compare.py: the headroom check {why} (run --headroom --seeds {args.seeds} first; without "
                       "headroom the testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
                 return 2
-            todo = list(grid_runs(args.scenarios.split(","), args.methods.split(","), seeds))
-    for pass_ in range(passes):
-        if pass_:
-            todo = list(tune_runs(res_dir))
-        todo = [t for t in todo if not t[-1].exists()]
-        t0 = time.time()
-        for i, (scen, m, seed, extra, dest) in enumerate(todo):
-            if i:
-                eta = (time.time() - t0) / i * (len(todo) - i)
-                print(f"compare.py: run {i + 1}/{len(todo)}, ETA {eta / 60:.0f} min", flush=True)
-            counts = Path(extra[extra.index("--counts_from") + 1]) if "--counts_from" in extra else None
-            if counts is not None and not counts.exists():
-                print(f"compare.py: {dest.relative_to(ROOT)} waits for {counts} (its counts); skipped", flush=True)
-                continue
-            lock = None if dest.exists() else claim(dest, Path(args.workdir))
-            if lock is None:  # finished meanwhile, or another process runs it
-                print(f"compare.py: {dest.relative_to(ROOT)} is done or held by another process; skipped", flush=True)
-                continue
-            try:
-                run_one(scen, m, seed, extra, dest, Path(args.workdir))
-            finally:
-                lock.unlink(missing_ok=True)
-        print(f"compare.py: {len(todo)} runs in {time.time() - t0:.0f}s")
+            make_todo = lambda: grid_runs(args.scenarios.split(","), args.methods.split(","), seeds)  # noqa: E731
+    if make_todo is not None:
+        jobs = start_jobs(args, args.jobs) if args.jobs > 1 and not args.worker else []
+        run_all(make_todo, workdir)
+        failed = [i + 1 for i, j in enumerate(jobs) if j.wait() != 0]
+        if failed:
+            print(f"compare.py: process(es) {failed} of --jobs failed; see {workdir}/logs/job<i>.log", file=sys.stderr)
+            return 1
+        if args.worker:
+            return 0
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")
     for scen in federated.SCENARIOS:  # one figure per scenario that has runs
         plot(res_dir, scen)
-    readme = ROOT / "README.md"  # the tables also go between the README's markers
+    readme = ROOT / "README.md"  # the tables also go between the README's markers (results/ only)
     begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"
     text = readme.read_text()
-    if begin in text and end in text:
+    if RESULTS is None and begin in text and end in text:
         head, rest = text.split(begin, 1)
         readme.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
     print(md)

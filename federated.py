@@ -238,12 +238,11 @@ def over_max_new_tokens(name, tok, evals, public, max_new_tokens) -> dict:
 
 def build_parties(cfg, splits, only=None) -> dict:
     """{name: Party} for the LLM and the SLMs (or the names in `only`): warmed up on their own data
-    (cached), or loaded."""
+    (cached; processes that share the cache warm each party up once), or loaded."""
     from data import with_solutions
-    from distill import warm_up
     from lora import base_dtype, check_parties, prepare
     from memory import check, meta_model
-    from models import load_cached_party, load_model, new_party, n_params, party_cache_dir, save_model
+    from models import load_model, lock_entry, n_params, wait_for_entry
 
     dev = cfg["device"]
     warm_dirs = {}  # name -> its warm-up cache entry (parties of the zoo only)
@@ -258,30 +257,25 @@ def build_parties(cfg, splits, only=None) -> dict:
         check(cfg, {n: meta_model(dirs[n]) for n in names})  # the memory plan, before any weight is read
         loaded = {n: load_model(dirs[n], device=dev, dtype=base_dtype(cfg, n)) + (dict(path=dirs[n]),) for n in names}
     else:
-        corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
-        loaded = {}
-        for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
-            if only and name not in only:
+        jobs = warm_jobs(cfg, splits, only)
+        warm_dirs = {name: path for name, (path, _) in jobs.items()}
+        loaded, later = {}, []
+        for name, (path, job) in jobs.items():  # a party another process is warming up (same cache) waits
+            lock = lock_entry(path)              # until the others are done, then loads what it stored
+            if lock is None:
+                later.append(name)
                 continue
-            if name == "llm":
-                warm_data, steps = with_solutions(splits["public"]) + splits["general"], cfg["warm_llm"]
-            else:  # its private data, after --slm_pretrain solved problems of the shared domains (never pooled)
-                pre = random.Random(cfg["data_seed"] * 100 + i).sample(splits["general"], min(cfg["slm_pretrain"], len(splits["general"])))
-                warm_data, steps = pre + splits["clients"][i - 1]["private"], cfg["warm_slm"]
-            seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
-            warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
-            path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
-            got = load_cached_party(path, device=dev)
-            if got is None:
-                model, tok = new_party(zoo, tok_spec, corpus, seed)
-                t0 = time.time()
-                loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
-                info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo,
-                            tokenizer=list(tok_spec), vocab=len(tok))
-                save_model(model, tok, path, info=info)
-                got = (model, tok, dict(info, cached=False))
-            loaded[name] = got
-            warm_dirs[name] = path
+            with lock:
+                loaded[name] = warm_party(path, *job)
+        for name in later:
+            path, job = jobs[name]
+            lock = lock_entry(path)
+            if lock is None:
+                print(f"{name}: another process is warming it up ({path}); waiting for it", flush=True)
+                lock = wait_for_entry(path)
+            with lock:
+                loaded[name] = warm_party(path, *job)
+        loaded = {name: loaded[name] for name in jobs}  # the parties' order
         check_parties(cfg, list(loaded))
         check(cfg, {n: got[0] for n, got in loaded.items()}, strict=False)  # the memory plan of the rounds
     parties = {}
@@ -297,6 +291,48 @@ def build_parties(cfg, splits, only=None) -> dict:
         parties[name] = Party(name, model, tok, cfg, local, eval_sets(cfg, splits, name), splits["public"], info)
         parties[name].warm_dir = warm_dirs.get(name)
     return parties
+
+
+def warm_jobs(cfg, splits, only=None) -> dict:
+    """{name: (warm-up cache entry, warm_party's arguments)} of the zoo's parties (or the names in
+    `only`), in the parties' order: what each warms up on, for how many steps, from which seed."""
+    from data import with_solutions
+    from models import party_cache_dir
+
+    dev = cfg["device"]
+    corpus = [p["question"] + "\n" + p["answer"] for p in splits["public"] + splits["general"]]
+    jobs = {}  # name -> (cache entry, what warm_party needs)
+    for i, (name, zoo, tok_spec) in enumerate(party_specs(cfg)):
+        if only and name not in only:
+            continue
+        if name == "llm":
+            warm_data, steps = with_solutions(splits["public"]) + splits["general"], cfg["warm_llm"]
+        else:  # its private data, after --slm_pretrain solved problems of the shared domains (never pooled)
+            pre = random.Random(cfg["data_seed"] * 100 + i).sample(splits["general"], min(cfg["slm_pretrain"], len(splits["general"])))
+            warm_data, steps = pre + splits["clients"][i - 1]["private"], cfg["warm_slm"]
+        seed = cfg["data_seed"] + (0 if cfg["scenario"] == "homo" else i)  # homo SLMs share an initialization
+        warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
+        path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
+        jobs[name] = (path, (name, zoo, tok_spec, corpus, warm_data, warm, seed, dev))
+    return jobs
+
+
+def warm_party(path, name, zoo, tok_spec, corpus, warm_data, warm, seed, dev):
+    """(model, tokenizer, info) of a party of the zoo: read from its warm-up cache entry, or built,
+    warmed up on warm_data and stored there (one rename: a cut run leaves no half entry)."""
+    from distill import warm_up
+    from models import load_cached_party, new_party, n_params, save_model
+
+    got = load_cached_party(path, device=dev)
+    if got is not None:
+        return got
+    model, tok = new_party(zoo, tok_spec, corpus, seed)
+    t0 = time.time()
+    loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
+    info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo,
+                tokenizer=list(tok_spec), vocab=len(tok))
+    save_model(model, tok, path, info=info)
+    return model, tok, dict(info, cached=False)
 
 
 def set_counts(cfg, server, clients, frozen_llm):

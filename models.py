@@ -438,6 +438,36 @@ def party_cache_dir(cache_dir, name: str, zoo_name: str, tok_spec: tuple, corpus
     return Path(cache_dir) / f"{name}-{key}"
 
 
+def lock_entry(path):
+    """Try to take the exclusive lock of a cache entry (the file NAME.lock beside it), so that processes
+    sharing a cache warm each party up once: an open file holding the lock, or None while another
+    process holds it. Closing the file (or the process ending, however it ends) releases it. Without
+    fcntl (not POSIX) every try succeeds: no lock, the entries are still written atomically."""
+    try:
+        import fcntl
+    except ImportError:
+        return open(os.devnull, "w")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path.with_name(path.name + ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
+
+
+def wait_for_entry(path):
+    """Block until no other process holds the cache entry's lock; returns the held lock (close it)."""
+    import fcntl
+
+    path = Path(path)
+    f = open(path.with_name(path.name + ".lock"), "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def load_cached_party(path, device="cpu"):
     """(model, tokenizer, info) from a finished cache entry, or None. An entry counts as finished only
     once info.json is in it (`save_model(..., info=...)` commits it with the model in one rename), so a

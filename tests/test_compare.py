@@ -2,6 +2,7 @@
 hand-computed values and the normal approximation of a paired mean."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -103,7 +104,11 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     (tmp_path / "README.md").write_text(f"# x\n<!-- tables:{compare.PRESET}:begin -->\nold\n<!-- tables:{compare.PRESET}:end -->\nend\n")
     ran = []
     monkeypatch.setattr(compare, "ROOT", tmp_path)
-    monkeypatch.setattr(compare, "run_one", lambda *a: ran.append(a[:3]))
+    def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
+        ran.append((scen, m, seed))
+        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
     monkeypatch.setattr(compare, "plot", lambda *a: None)
     assert compare.main(["--seeds", "0,1,2", "--scenarios", "hetero", "--methods", "local", "--workdir", str(tmp_path / "w")]) == 2
     assert "lacks seed(s) [2]" in capsys.readouterr().err and not ran
@@ -208,6 +213,9 @@ def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(
 
 
 def test_runs_are_claimed_so_that_processes_can_share_a_grid(tmp_path, monkeypatch):
+    """A run another live process holds is left to it; when nothing else can start, the process waits
+    and looks again, and F0's stage 2 (known once stage 1 is in) runs in the same call. A lock whose
+    process is gone is taken over."""
     import os
     import subprocess
     import sys
@@ -216,23 +224,125 @@ def test_runs_are_claimed_so_that_processes_can_share_a_grid(tmp_path, monkeypat
     monkeypatch.setattr(compare, "plot", lambda *a: None)
     (tmp_path / "README.md").write_text("# x\n")
     w = tmp_path / "w"
-    first = next(compare.tune_runs(tmp_path / "results" / compare.PRESET))[-1]
-    lock = compare.claim(first, w)
-    assert lock is not None and lock.read_text() == str(os.getpid())
-    assert compare.claim(first, w) is None  # held by a live process (this one)
-    ran = []
-    def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
-        ran.append(dest)
-        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+    res = tmp_path / "results" / compare.PRESET
+    first = next(compare.tune_runs(res))[-1]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the process that holds it
+    try:
+        lock = compare.claim(first, w)
+        assert lock is not None and lock.read_text() == str(os.getpid())
+        assert compare.claim(first, w) is None  # held by a live process (this one)
+        lock.write_text(str(other.pid))
+        ran, waits = [], []
 
-    monkeypatch.setattr(compare, "run_one", fake_run)
-    assert compare.main(["--tune", "--workdir", str(w)]) == 0
-    assert first not in ran and len(ran) == len(list(compare.tune_runs(tmp_path / "results" / compare.PRESET))) - 1  # the held run is left
-    assert not any((w / "locks").glob("*-l0.3-*"))  # the others were released
+        def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
+            ran.append(dest)
+            _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+        def other_finishes(blocked, workdir):  # while this process waits, the other one finishes its run
+            waits.append([t[-1] for t in blocked])
+            _write(first.parent, first.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+            lock.unlink()
+
+        monkeypatch.setattr(compare, "run_one", fake_run)
+        monkeypatch.setattr(compare, "wait_for_others", other_finishes)
+        assert compare.main(["--tune", "--workdir", str(w)]) == 0
+        stage1 = [t[-1] for t in compare.tune_runs(res)][:3]
+        assert waits == [[first]]  # it waited once, for the held run alone
+        assert ran[:2] == stage1[1:] and first not in ran  # the held run was left to its holder
+        assert len(ran) == 2 + len(compare.TUNE_METHODS) * len(compare.TUNE_SCALES)  # stage 2 after the wait
+        assert not any((w / "locks").iterdir())  # every lock released
+    finally:
+        other.kill()
+        other.wait()
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(str(gone.pid))  # its holder died: the next process takes it over
     assert compare.claim(first, w) == lock and lock.read_text() == str(os.getpid())
+
+
+def test_random_waits_for_the_lada_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    """`random` takes its counts from lada's result: while another process runs that lada, this one
+    waits for it, then runs random; with no process on it, it stops and names the run it cannot do."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    (tmp_path / "README.md").write_text("# x\n")
+    w = tmp_path / "w"
+    res = tmp_path / "results" / compare.PRESET
+    lada, rand = res / "hetero" / "lada-s0.json", res / "hetero" / "random-s0.json"
+    ran, waits = [], []
+
+    def fake_run(scen, m, seed, extra, dest, workdir):
+        assert m != "random" or compare.counts_of(extra) == lada and lada.exists()
+        ran.append(m)
+        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    flags = ["--force", "--scenarios", "hetero", "--seeds", "0", "--workdir", str(w)]
+    # nothing runs lada and this process does not have it in its list: it stops, naming random (the gap
+    # runs, which every grid list has, run)
+    assert compare.main(flags + ["--methods", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "random" not in ran and "left that this process cannot run (their counts come from runs not in its list): results/testbed/hetero/random-s0.json" in out
+    ran.clear()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = compare.lock_path(lada, w)
+        lock.write_text(str(other.pid))  # another process runs lada
+
+        def other_finishes(blocked, workdir):
+            waits.append([t[-1] for t in blocked])
+            _write(lada.parent, lada.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+            lock.unlink()
+
+        monkeypatch.setattr(compare, "wait_for_others", other_finishes)
+        assert compare.main(flags + ["--methods", "random"]) == 0
+        assert waits == [[rand]] and ran == ["random"]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_jobs_start_processes_that_share_the_runs(tmp_path, monkeypatch, capsys):
+    """--jobs N: N - 1 more compare.py processes (--worker, the same runs, cores / N threads each), this
+    one runs too, waits for them, and only it builds the tables; a failed process fails the call."""
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "plot", lambda *a: None)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 16)
+    (tmp_path / "README.md").write_text("# x\n")
+    started, ran, codes = [], [], []
+
+    class FakeProcess:
+        def __init__(self, cmd, env, stdout, stderr):
+            started.append((cmd, env["OMP_NUM_THREADS"], stdout.name))
+
+        def wait(self):
+            return codes.pop(0)
+
+    def fake_run(scen, m, seed, extra, dest, workdir):
+        ran.append((scen, m, seed))
+        _write(dest.parent, dest.stem, _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)}))
+
+    monkeypatch.setattr(compare.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(compare, "run_one", fake_run)
+    monkeypatch.setattr(compare.torch if hasattr(compare, "torch") else __import__("torch"), "set_num_threads", lambda n: None)
+    w = str(tmp_path / "w")
+    codes[:] = [0, 0, 0]
+    assert compare.main(["--headroom", "--seeds", "0", "--jobs", "4", "--workdir", w]) == 0
+    assert len(started) == 3 and {t for _, t, _ in started} == {"4"}  # 16 cores / 4
+    cmd = started[0][0]
+    assert cmd[1].endswith("compare.py") and "--worker" in cmd and "--headroom" in cmd and "--jobs" not in cmd
+    assert cmd[cmd.index("--seeds") + 1] == "0" and cmd[cmd.index("--workdir") + 1] == w
+    assert [Path(n).name for _, _, n in started] == ["job1.log", "job2.log", "job3.log"]
+    assert ran == [("hetero", "local", 0), ("hetero", "oracle", 0)]
+    assert (tmp_path / "results" / compare.PRESET / "tables.md").exists()
+    codes[:] = [0, 1]
+    (tmp_path / "results" / compare.PRESET / "tables.md").unlink()
+    assert compare.main(["--headroom", "--seeds", "0", "--jobs", "3", "--workdir", w]) == 1
+    assert "[2] of --jobs failed" in capsys.readouterr().err
+    assert not (tmp_path / "results" / compare.PRESET / "tables.md").exists()  # no tables from a failed grid
 
 
 def test_status_counts_runs_and_estimates_the_hours_left(tmp_path, monkeypatch):

@@ -587,3 +587,54 @@ def test_malformed_inputs_through_real_processes(malformed, tmp_path):
         p = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=tmp_path, capture_output=True, text=True)
         err = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(err) == 1 and says in err[0] and "Traceback" not in p.stderr, (script, argv, err)
+
+
+BUILD = """import json, sys
+sys.path.insert(0, {repo!r})
+import federated
+cfg = federated.resolve_config(federated.parse_args({flags!r}))
+parties = federated.build_parties(cfg, federated.make_data(cfg, 1))
+print("BUILT", json.dumps({{n: [p.info["cached"], sum(float(t.double().sum()) for t in p.model.state_dict().values())]
+                           for n, p in parties.items()}}), flush=True)
+"""
+
+
+def test_processes_sharing_a_cache_warm_each_party_up_once(tmp_path):
+    """Two real processes build the same parties from one cache at once (as `compare.py --jobs` runs
+    do). This test holds the LLM's entry lock first, as a third process warming it up would: both
+    builders take the SLM meanwhile (one warms it up, the other waits and loads it), then wait for the
+    LLM; once released, one warms the LLM up and the other loads it. Each party is warmed up exactly
+    once, and both processes end with the same weights."""
+    flags = ["--smoke", "--device", "cpu", "--scenario", "one2one", "--warm_llm", "40", "--warm_slm", "20",
+             "--cache", str(tmp_path / "cache")]
+    cfg = federated.resolve_config(federated.parse_args(flags))
+    entries = {n: path for n, (path, _) in federated.warm_jobs(cfg, federated.make_data(cfg, 1)).items()}
+    assert list(entries) == ["llm", "slm1"]
+    held = models.lock_entry(entries["llm"])
+    assert held is not None and models.lock_entry(entries["llm"]) is None  # a second open file cannot take it
+    script = tmp_path / "build.py"
+    script.write_text(BUILD.format(repo=str(REPO), flags=flags))
+    logs = [tmp_path / f"builder{i}.log" for i in range(2)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, str(script)], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+             for log in logs]
+    try:
+        waiting = f"llm: another process is warming it up ({entries['llm']}); waiting for it"
+        deadline = time.time() + 300
+        while not all(waiting in log.read_text() for log in logs):  # both blocked on the LLM, SLM done
+            assert time.time() < deadline and all(p.poll() is None for p in procs), [log.read_text()[-500:] for log in logs]
+            time.sleep(0.5)
+        assert (entries["slm1"] / "info.json").is_file() and not (entries["llm"] / "info.json").exists()
+        held.close()  # the "third process" is done (without storing anything): one builder takes over
+        for p in procs:
+            assert p.wait(timeout=300) == 0
+    finally:
+        for p in procs:
+            p.kill()
+    built = [json.loads(log.read_text().split("BUILT ", 1)[1]) for log in logs]
+    for name in ("llm", "slm1"):
+        assert sorted(b[name][0] for b in built) == [False, True]  # warmed up by one, loaded by the other
+        assert built[0][name][1] == built[1][name][1]
+    slm_warmer = 0 if built[0]["slm1"][0] is False else 1
+    text = logs[slm_warmer].read_text()
+    assert text.index("warm-up slm1") < text.index(waiting)  # it took the SLM while the LLM was held
