@@ -42,7 +42,7 @@ import federated
 ROOT = Path(__file__).resolve().parent
 PRESET = "testbed"  # --preset
 RESULTS = None  # --results: where the result files go (None: the repository's results/, committed)
-POLL = 60  # seconds between looks at runs that other processes hold
+POLL = 10  # seconds between looks at runs that other processes hold
 BASELINES = ["local", "fedmkt", "random", "fedavg"]
 ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lada"]  # lada before random (its counts)
 RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
