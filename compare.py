@@ -16,8 +16,8 @@ and the plot are rebuilt from those files alone. A run whose file exists is skip
 interrupted run resumes from its last round: an interrupted grid loses one round at most. Several
 compare.py processes can share a grid and a --workdir (`--jobs N` starts them; or by hand, e.g. `--seeds
 0,2` and `--seeds 1`, or the grid beside --tune): each claims a run with a lock file before starting it,
-leaves a run another live process holds, starts a `random` run once its `lada` counts are written, and
-when nothing is left to start, waits while another process holds what it waits for. Runs of the same
+leaves a run another live process holds, starts a `random` run once its `lada` counts are written (waiting
+while another process runs that lada, as --tune waits for stage 1 before stage 2). Runs of the same
 seed share warm-ups through the cache, each party warmed up by one process (models.lock_entry).
 `random` runs after `lada` of the same scenario and seed and allocates, per student and round, the
 count lada's filter picked (--counts_from), so the two differ only in which samples.
@@ -521,12 +521,13 @@ def wait_for_others(blocked, workdir: Path):
     time.sleep(POLL)
 
 
-def run_all(make_todo, workdir: Path) -> list:
+def run_all(make_todo, workdir: Path, wait_for_held=False) -> list:
     """Run, in order, every run of make_todo() whose result file is missing, claiming each first (`claim`),
     and look again until none is left: the list is made again after each pass (F0's stage 2 appears once
     stage 1 is in; a `random` run starts once its lada counts are written). When nothing can start, wait
-    while another live process holds a missing run (or the lada run a `random` waits for); otherwise stop.
-    Returns the runs left (those this process cannot run: their counts come from a run it does not have)."""
+    while another live process holds the lada run a `random` waits for (or, with wait_for_held, any
+    missing run: F0's stage 2 needs all of stage 1); otherwise stop, leaving held runs to their holders.
+    Returns the runs left: held by others, or not runnable here (their counts come from a run not in the list)."""
     t0, n_ran = time.time(), 0
     while True:
         todo = [t for t in make_todo() if not t[-1].exists()]
@@ -553,11 +554,16 @@ def run_all(make_todo, workdir: Path) -> list:
                 print(f"compare.py: {n_ran} run(s) by this process in {time.time() - t0:.0f}s; none left", flush=True)
                 return []
             continue
-        blocked = [t for t in todo if holder(t[-1], workdir) is not None
-                   or (counts_of(t[3]) is not None and not counts_of(t[3]).exists() and holder(counts_of(t[3]), workdir) is not None)]
+        held = [t for t in todo if holder(t[-1], workdir) is not None]
+        blocked = [t for t in todo if counts_of(t[3]) is not None and not counts_of(t[3]).exists()
+                   and holder(counts_of(t[3]), workdir) is not None] + (held if wait_for_held else [])
         if not blocked:
-            print(f"compare.py: {len(todo)} run(s) left that this process cannot run (their counts come from runs "
-                  f"not in its list): {', '.join(show(t[-1]) for t in todo)}", flush=True)
+            if held:
+                print(f"compare.py: {len(held)} run(s) left to the other processes that hold them: "
+                      f"{', '.join(show(t[-1]) for t in held)}", flush=True)
+            if len(todo) > len(held):
+                print(f"compare.py: {len(todo) - len(held)} run(s) left that this process cannot run (their counts "
+                      f"come from runs not in its list): {', '.join(show(t[-1]) for t in todo if t not in held)}", flush=True)
             return todo
         wait_for_others(blocked, workdir)
 
@@ -638,7 +644,7 @@ def main(argv=None):
             make_todo = lambda: grid_runs(args.scenarios.split(","), args.methods.split(","), seeds)  # noqa: E731
     if make_todo is not None:
         jobs = start_jobs(args, args.jobs) if args.jobs > 1 and not args.worker else []
-        run_all(make_todo, workdir)
+        run_all(make_todo, workdir, wait_for_held=args.tune)
         failed = [i + 1 for i, j in enumerate(jobs) if j.wait() != 0]
         if failed:
             print(f"compare.py: process(es) {failed} of --jobs failed; see {workdir}/logs/job<i>.log", file=sys.stderr)

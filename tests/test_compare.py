@@ -298,6 +298,9 @@ def test_random_waits_for_the_lada_run_another_process_holds(tmp_path, monkeypat
             lock.unlink()
 
         monkeypatch.setattr(compare, "wait_for_others", other_finishes)
+        # a run another process holds and nothing here depends on: left to it, no wait
+        assert compare.main(flags + ["--methods", "lada"]) == 0
+        assert not waits and not ran and "1 run(s) left to the other processes that hold them" in capsys.readouterr().out
         assert compare.main(flags + ["--methods", "random"]) == 0
         assert waits == [[rand]] and ran == ["random"]
     finally:
