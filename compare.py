@@ -497,10 +497,12 @@ def plot(res_dir: Path, scenario="hetero"):
         n = min(len(c) for c in curves)
         for ax, pick in zip(axes, (lambda a: np.mean([v for k, v in a.items() if not k.startswith("llm")]),
                                    lambda a: a["llm"], lambda a: a.get("llm-private", np.nan))):
-            ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m)
+            ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m,
+                    color=f"C{ORDER.index(m)}")  # one colour per method in every figure
             ax.set_xticks(range(n))
     for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):  # llm2slm: LLM frozen
-        ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{scenario}: {t}")
+        name = "follow-up (hetero, tuned lr)" if scenario == "followup" else scenario
+        ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{name}: {t}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = res_dir / f"accuracy_{scenario}.png"
@@ -654,7 +656,7 @@ def main(argv=None):
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")
-    for scen in federated.SCENARIOS:  # one figure per scenario that has runs
+    for scen in federated.SCENARIOS + ("followup",):  # one figure per scenario (and the follow-up) with runs
         plot(res_dir, scen)
     readme = ROOT / "README.md"  # the tables also go between the README's markers (results/ only)
     begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"

@@ -130,13 +130,13 @@ def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
 
     pytest.importorskip("matplotlib")
     res = tmp_path / "results" / compare.PRESET
-    for scen in ("hetero", "homo"):
+    for scen in ("hetero", "homo", "followup"):
         for m, k in (("local", 5), ("lada", 9)):
             _write(res / scen, f"{m}-s0", _result({"llm": _bits(k, 20), "slm1": _bits(k, 20)}))
     (tmp_path / "README.md").write_text("# x\n")
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     assert compare.main(["--tables"]) == 0
-    assert sorted(p.name for p in res.glob("accuracy_*.png")) == ["accuracy_hetero.png", "accuracy_homo.png"]
+    assert sorted(p.name for p in res.glob("accuracy_*.png")) == ["accuracy_followup.png", "accuracy_hetero.png", "accuracy_homo.png"]
 
 
 def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(tmp_path, monkeypatch, capsys):
