@@ -439,17 +439,18 @@ def party_cache_dir(cache_dir, name: str, zoo_name: str, tok_spec: tuple, corpus
 
 
 def lock_entry(path):
-    """Try to take the exclusive lock of a cache entry (the file NAME.lock beside it), so that processes
-    sharing a cache warm each party up once: an open file holding the lock, or None while another
-    process holds it. Closing the file (or the process ending, however it ends) releases it. Without
-    fcntl (not POSIX) every try succeeds: no lock, the entries are still written atomically."""
+    """Try to take the exclusive lock of a cache entry (the hidden file .NAME.lock beside it: the cache's
+    visible names are whole entries only), so that processes sharing a cache warm each party up once:
+    an open file holding the lock, or None while another process holds it. Closing the file (or the
+    process ending, however it ends) releases it. Without fcntl (not POSIX) every try succeeds: no
+    lock, and the entries are still written atomically."""
     try:
         import fcntl
     except ImportError:
         return open(os.devnull, "w")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path.with_name(path.name + ".lock"), "a")
+    f = open(path.with_name(f".{path.name}.lock"), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f
@@ -463,7 +464,7 @@ def wait_for_entry(path):
     import fcntl
 
     path = Path(path)
-    f = open(path.with_name(path.name + ".lock"), "a")
+    f = open(path.with_name(f".{path.name}.lock"), "a")
     fcntl.flock(f, fcntl.LOCK_EX)
     return f
 

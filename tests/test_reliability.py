@@ -301,10 +301,13 @@ def run_child(ctx, argv, log, crash_at=None, kill_on=None, kill_after=None):
     p.start()
     t0 = time.time()
     while p.is_alive():
-        if kill_on is not None and kill_on in log.read_text()[start:]:
-            os.kill(p.pid, signal.SIGKILL)
-        if kill_after is not None and time.time() - t0 > kill_after:
-            os.kill(p.pid, signal.SIGKILL)
+        due = (kill_on is not None and kill_on in log.read_text()[start:]) or \
+              (kill_after is not None and time.time() - t0 > kill_after)
+        if due:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended by itself at that moment (the forkserver reaped it): its exit code says how
+                pass
         p.join(0.02)
     return p.exitcode
 
