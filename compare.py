@@ -541,6 +541,9 @@ def run_all(make_todo, workdir: Path, wait_for_held=False) -> list:
             lock = None if dest.exists() else claim(dest, workdir)
             if lock is None:  # finished meanwhile, or another process runs it
                 continue
+            if dest.exists():  # another process finished it between the look and the claim
+                lock.unlink(missing_ok=True)
+                continue
             left = sum(not t[-1].exists() for t in todo)
             if n_ran:
                 eta = (time.time() - t0) / n_ran * left
