@@ -10,7 +10,6 @@
 import itertools
 import json
 import random
-import re
 from pathlib import Path
 
 import numpy as np

@@ -28,7 +28,6 @@ only one party computes at a time, so only the largest transient counts). Figure
 from a checkpoint's config.json without reading its weights), so the check runs before a 7B
 checkpoint is loaded.
 """
-import json
 import os
 from pathlib import Path
 
