@@ -616,15 +616,21 @@ def main(argv=None):
                    "testbed, whose README tables are rebuilt only from there; WORKDIR/results for another preset)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs' processes: no tables
     args = p.parse_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs {args.jobs}: needs at least 1")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+    except ValueError:
+        seeds = None
+    bad = (f"--jobs {args.jobs}: needs at least 1" if args.jobs < 1 else
+           f"--seeds {args.seeds}: expected comma-separated integers" if seeds is None else None)
+    if bad:
+        print(f"compare.py: error: {bad}", file=sys.stderr)
+        return 2
     PRESET = args.preset
     args.workdir = args.workdir or ("runs/compare" if PRESET == "testbed" else f"runs/compare-{PRESET}")
     if args.results is None and PRESET != "testbed":  # only the registered comparison's results are committed
         args.results = str(Path(args.workdir) / "results")
     RESULTS = Path(args.results).resolve() if args.results else None
     res_dir, workdir = res_root(), Path(args.workdir)
-    seeds = [int(s) for s in args.seeds.split(",")]
     if args.status:
         print("\n".join(status(res_dir, workdir, seeds, args.scenarios.split(","), args.methods.split(","))))
         return 0

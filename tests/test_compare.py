@@ -382,3 +382,10 @@ def test_status_counts_runs_and_estimates_the_hours_left(tmp_path, monkeypatch):
     f14 = 3 * (300 + 450 + 600 + 450 + 450)  # local, fedmkt, lada, random, lada-filter on seeds 3-5
     assert rows["follow-up F1-F4"][1:] == ["15", "0", "0", "15", f"{f14 / 3600:.1f}"]
     assert rows["all"][-1] == f"{(2460 + 750 + 5400 + f14) / 3600:.1f}"
+
+
+def test_bad_flags_give_one_line_and_exit_2(capsys):
+    assert compare.main(["--jobs", "0"]) == 2
+    assert capsys.readouterr().err == "compare.py: error: --jobs 0: needs at least 1\n"
+    assert compare.main(["--seeds", "0,x", "--status"]) == 2
+    assert capsys.readouterr().err == "compare.py: error: --seeds 0,x: expected comma-separated integers\n"
