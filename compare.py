@@ -500,8 +500,8 @@ def plot(res_dir: Path, scenario="hetero"):
             ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m,
                     color=f"C{ORDER.index(m)}")  # one colour per method in every figure
             ax.set_xticks(range(n))
+    name = "follow-up (hetero, tuned lr)" if scenario == "followup" else scenario
     for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):  # llm2slm: LLM frozen
-        name = "follow-up (hetero, tuned lr)" if scenario == "followup" else scenario
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{name}: {t}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -538,10 +538,10 @@ def run_all(make_todo, workdir: Path, wait_for_held=False) -> list:
             counts = counts_of(extra)
             if counts is not None and not counts.exists():
                 continue  # its lada run comes first (this pass, a later one, or another process)
-            lock = None if dest.exists() else claim(dest, workdir)
-            if lock is None:  # finished meanwhile, or another process runs it
+            lock = claim(dest, workdir)
+            if lock is None:  # another process runs it
                 continue
-            if dest.exists():  # another process finished it between the look and the claim
+            if dest.exists():  # another process finished it since the list was made
                 lock.unlink(missing_ok=True)
                 continue
             left = sum(not t[-1].exists() for t in todo)
@@ -560,8 +560,8 @@ def run_all(make_todo, workdir: Path, wait_for_held=False) -> list:
                 return []
             continue
         held = [t for t in todo if holder(t[-1], workdir) is not None]
-        blocked = [t for t in todo if counts_of(t[3]) is not None and not counts_of(t[3]).exists()
-                   and holder(counts_of(t[3]), workdir) is not None] + (held if wait_for_held else [])
+        blocked = [t for t in todo if (c := counts_of(t[3])) is not None and not c.exists()
+                   and holder(c, workdir) is not None] + (held if wait_for_held else [])
         if not blocked:
             if held:
                 print(f"compare.py: {len(held)} run(s) left to the other processes that hold them: "

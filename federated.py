@@ -242,7 +242,7 @@ def build_parties(cfg, splits, only=None) -> dict:
     from data import with_solutions
     from lora import base_dtype, check_parties, prepare
     from memory import check, meta_model
-    from models import load_model, lock_entry, n_params, wait_for_entry
+    from models import load_model, lock_entry, n_params
 
     dev = cfg["device"]
     warm_dirs = {}  # name -> its warm-up cache entry (parties of the zoo only)
@@ -259,22 +259,18 @@ def build_parties(cfg, splits, only=None) -> dict:
     else:
         jobs = warm_jobs(cfg, splits, only)
         warm_dirs = {name: path for name, (path, _) in jobs.items()}
-        loaded, later = {}, []
-        for name, (path, job) in jobs.items():  # a party another process is warming up (same cache) waits
-            lock = lock_entry(path)              # until the others are done, then loads what it stored
-            if lock is None:
-                later.append(name)
-                continue
-            with lock:
-                loaded[name] = warm_party(path, *job)
-        for name in later:
-            path, job = jobs[name]
-            lock = lock_entry(path)
-            if lock is None:
-                print(f"{name}: another process is warming it up ({path}); waiting for it", flush=True)
-                lock = wait_for_entry(path)
-            with lock:
-                loaded[name] = warm_party(path, *job)
+        loaded = {}
+        for block in (False, True):  # first the parties no other process is warming up (same cache), then
+            for name, (path, job) in jobs.items():  # wait for the others and load what they stored
+                if name in loaded:
+                    continue
+                lock = lock_entry(path)
+                if lock is None and block:
+                    print(f"{name}: another process is warming it up ({path}); waiting for it", flush=True)
+                    lock = lock_entry(path, block=True)
+                if lock is not None:
+                    with lock:
+                        loaded[name] = warm_party(path, *job)
         loaded = {name: loaded[name] for name in jobs}  # the parties' order
         check_parties(cfg, list(loaded))
         check(cfg, {n: got[0] for n, got in loaded.items()}, strict=False)  # the memory plan of the rounds

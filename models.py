@@ -438,12 +438,12 @@ def party_cache_dir(cache_dir, name: str, zoo_name: str, tok_spec: tuple, corpus
     return Path(cache_dir) / f"{name}-{key}"
 
 
-def lock_entry(path):
-    """Try to take the exclusive lock of a cache entry (the hidden file .NAME.lock beside it: the cache's
-    visible names are whole entries only), so that processes sharing a cache warm each party up once:
-    an open file holding the lock, or None while another process holds it. Closing the file (or the
-    process ending, however it ends) releases it. Without fcntl (not POSIX) every try succeeds: no
-    lock, and the entries are still written atomically."""
+def lock_entry(path, block=False):
+    """The exclusive lock of a cache entry (the hidden file .NAME.lock beside it: the cache's visible
+    names are whole entries only), so that processes sharing a cache warm each party up once: an open
+    file holding the lock; without `block`, None while another process holds it. Closing the file (or
+    the process ending, however it ends) releases it. Without fcntl (not POSIX) every try succeeds:
+    no lock, and the entries are still written atomically."""
     try:
         import fcntl
     except ImportError:
@@ -452,21 +452,11 @@ def lock_entry(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path.with_name(f".{path.name}.lock"), "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         return f
     except BlockingIOError:
         f.close()
         return None
-
-
-def wait_for_entry(path):
-    """Block until no other process holds the cache entry's lock; returns the held lock (close it)."""
-    import fcntl
-
-    path = Path(path)
-    f = open(path.with_name(f".{path.name}.lock"), "a")
-    fcntl.flock(f, fcntl.LOCK_EX)
-    return f
 
 
 def load_cached_party(path, device="cpu"):
