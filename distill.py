@@ -108,9 +108,16 @@ _warned = set()
 
 
 def _head_inputs(model, enc):
-    """(hidden, weight) for the fused kernel; None (with a one-line warning) when the head is not plain."""
+    """(hidden, weight) for the fused kernel; None (with a one-line warning) when the head is not plain.
+    Under autocast the hidden states come in autocast's dtype, as autocast would run the model's own
+    nn.Linear head: the final norm of a Llama, Qwen2 or GPT-2 returns the fp32 residual stream, which
+    would otherwise send a bf16 run's head down the kernels' fp32 path."""
     if head_is_plain_linear(model):
-        return hidden_and_head(model, enc["input_ids"])
+        hidden, weight = hidden_and_head(model, enc["input_ids"])
+        kind = hidden.device.type
+        if torch.is_autocast_enabled(kind) and hidden.dtype == torch.float32:
+            hidden = hidden.to(torch.get_autocast_dtype(kind))
+        return hidden, weight
     name = type(model).__name__
     if name not in _warned:
         _warned.add(name)

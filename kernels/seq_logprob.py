@@ -205,17 +205,30 @@ _INTERPRETED = HAS_TRITON and type(_seq_logprob_fwd).__name__ == "InterpretedFun
 INTERPRET_CONFIG = dict(BLOCK_T=16, BLOCK_V=64, BLOCK_D=16, num_splits=2, num_warps=1, num_stages=1)
 
 
+# On CUDA, by dtype. 16-bit: timed on an H100 (kernels/BENCH.md: 128x128, 128x256, 256x128, 64x256
+# tiles swept; 128 x 256: forward 26.5 -> 19.9 ms at 8192 x 152k x 3584). fp32: smaller tiles and 8
+# warps avoid register spills (read off the sm_90 cubin); not timed. num_splits None: from the SM count.
+CUDA_CONFIGS = {
+    "fp32": dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_splits=None, num_warps=8, num_stages=2),
+    "16-bit": dict(BLOCK_T=128, BLOCK_V=256, BLOCK_D=64, num_splits=None, num_warps=8, num_stages=3),
+}
+
+
+def _base_config(h2d) -> dict:
+    """The block sizes, warps, stages and vocabulary splits for h2d's device and dtype."""
+    if not h2d.is_cuda:
+        return dict(INTERPRET_CONFIG)
+    return dict(CUDA_CONFIGS["fp32" if h2d.dtype == torch.float32 else "16-bit"])
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _launch_config(h2d):
     """Kernel meta-parameters for this device and dtype, and the forward's vocabulary splits
     (None = choose from the SM count). Static, not autotuned."""
-    if not h2d.is_cuda:
-        cfg = dict(INTERPRET_CONFIG)
-    # 16-bit: timed on an H100 (kernels/BENCH.md: 128x128, 128x256, 256x128, 64x256 tiles swept).
-    # fp32: smaller tiles and 8 warps avoid register spills (read off the sm_90 cubin); not timed.
-    elif h2d.dtype == torch.float32:
-        cfg = dict(BLOCK_T=64, BLOCK_V=64, BLOCK_D=32, num_splits=None, num_warps=8, num_stages=2)
-    else:  # 128 x 256 tiles: forward 26.5 -> 19.9 ms at 8192 x 152k x 3584 on an H100 (kernels/BENCH.md)
-        cfg = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_D=64, num_splits=None, num_warps=8, num_stages=3)
+    cfg = _base_config(h2d)
     # tl.dot precision: fp32 follows torch's matmul switch (default off: exact fp32 products);
     # the setting does not matter for 16-bit operands, which keep Triton's default
     tf32 = h2d.dtype != torch.float32 or (h2d.is_cuda and torch.backends.cuda.matmul.allow_tf32)
@@ -249,8 +262,7 @@ def triton_token_fwd(h2d, weight, tok, lab):
     BT, BV = cfg["BLOCK_T"], cfg["BLOCK_V"]
     n_tblocks, n_vblocks = triton.cdiv(n, BT), triton.cdiv(V, BV)
     if splits is None:  # split the vocabulary until there are ~2 programs per SM
-        sms = torch.cuda.get_device_properties(h2d.device).multi_processor_count
-        splits = triton.cdiv(2 * sms, n_tblocks)
+        splits = triton.cdiv(2 * _sm_count(h2d.device), n_tblocks)
     splits = max(1, min(splits, n_vblocks))
     v_per_split = triton.cdiv(n_vblocks, splits) * BV
     splits = triton.cdiv(V, v_per_split)  # no empty split

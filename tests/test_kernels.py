@@ -169,6 +169,43 @@ def test_triton_backward_in_vocabulary_chunks(dtype, device, monkeypatch):
     assert torch.count_nonzero(hidden.grad[:, :3]) == 0  # masked prompt tokens: exactly zero
 
 
+@pytest.mark.skipif(not seq_logprob_mod._INTERPRETED, reason="on a GPU the CUDA variants run these configs compiled")
+@pytest.mark.parametrize("kind,dtype", [("fp32", torch.float32), ("16-bit", torch.bfloat16)])
+def test_cuda_launch_configs_in_the_interpreter(kind, dtype, monkeypatch):
+    """The CUDA launch configs (their blocks, and vocabulary splits chosen for an H100/H200's 132
+    SMs), run in the interpreter at a testbed party's head shape (d=80, V=640, partly masked): the
+    logic of those block sizes and splits, which the interpreted tests above never use. d=80 and
+    V=640 leave partial d tiles and vocabulary blocks for both configs."""
+    use_backend(monkeypatch, "triton", "cpu")
+    monkeypatch.setattr(seq_logprob_mod, "_base_config", lambda h2d: dict(seq_logprob_mod.CUDA_CONFIGS[kind]))
+    monkeypatch.setattr(seq_logprob_mod, "_sm_count", lambda device: 132)
+    splits = []
+    real_fwd = seq_logprob_mod._seq_logprob_fwd
+    monkeypatch.setattr(seq_logprob_mod, "_seq_logprob_fwd",
+                        _Recording(real_fwd, splits))
+    hidden, weight, labels = make_inputs(4, 50, 640, 80, "row", dtype, "cpu", seed=7)
+    grad_out = torch.randn(4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE)
+    out.backward(grad_out.float())
+    assert splits and splits[0] > 1  # the forward split the vocabulary, as on the GPU
+    assert_close(out, logprob_f64(hidden, weight, labels), TOL[dtype][0])
+    dh, dw = grads_f64(lambda h, w: (logprob_f64(h, w, labels) * grad_out).sum(), hidden, weight)
+    assert_close(hidden.grad, dh, TOL[dtype][1])
+    assert_close(weight.grad, dw, TOL[dtype][1])
+    assert torch.count_nonzero(hidden.grad[1]) == 0  # the fully masked row: exactly zero
+
+
+class _Recording:
+    """A kernel handle that records the second grid dimension (the forward's vocabulary splits)."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        self.seen.append(grid[1])
+        return self.kernel[grid]
+
+
 def test_seq_logprob_reference_chunked():
     """The CPU path in several checkpointed chunks (27 tokens, 5 per chunk) matches float64."""
     hidden, weight, labels = make_inputs(*CASES["odd"], torch.float32, "cpu", seed=4)
