@@ -219,15 +219,8 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
 def set_blocks(spec):
     """--blocks BT,BV,BD,warps,stages: override the 16-bit CUDA launch config of kernels/ (a sweep aid)."""
     BT, BV, BD, warps, stages = (int(x) for x in spec.split(","))
-    original = _slp._launch_config
-
-    def patched(h2d):
-        cfg, splits = original(h2d)
-        if h2d.is_cuda and h2d.dtype != torch.float32:
-            cfg.update(BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD, num_warps=warps, num_stages=stages)
-        return cfg, splits
-
-    _slp._launch_config = patched  # looked up by name at every launch, from both kernels' wrappers
+    # read at every launch (a copy per launch), from both kernels' wrappers
+    _slp.CUDA_CONFIGS["16-bit"].update(BLOCK_T=BT, BLOCK_V=BV, BLOCK_D=BD, num_warps=warps, num_stages=stages)
 
 
 def git_commit():

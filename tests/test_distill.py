@@ -245,28 +245,23 @@ def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
         torch.testing.assert_close(got[1], torch.sort(want[3:]).values, rtol=1e-4, atol=1e-3)
 
 
-def test_the_fused_head_gets_autocasts_dtype(tok, monkeypatch):
+def test_the_fused_head_gets_autocasts_dtype(tok, monkeypatch, logp64):
     """Under bf16 autocast the kernels get bf16 hidden states (the final norm returns the fp32
     residual stream) and give the log-probs of the model's own nn.Linear head under the same autocast,
-    which runs in bf16; outside autocast they get fp32. Truth: the model's logits, log_softmax in float64."""
+    which runs in bf16; outside autocast they get fp32. Truth: logp64, the model's own logits in float64."""
     model = models.build_model(tokenizer=tok, seed=5, **models.ZOO["llama-tiny"])
     samples = _pairs(3, seed=5)
     enc = distill.encode_pairs(tok, [s["question"] for s in samples], [s["y_pos"] for s in samples])
     seen, real = [], distill.seq_logprob
     monkeypatch.setattr(distill, "seq_logprob", lambda h, w, lab: seen.append(h.dtype) or real(h, w, lab))
-
-    def truth():  # the model's own head: logits in autocast's dtype when it is on
-        logits = model(input_ids=enc["input_ids"]).logits.double()
-        lab = enc["labels"]
-        lp = torch.log_softmax(logits, -1).gather(2, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        return (lp * (lab != -100)).sum(1)
+    truth = lambda: torch.tensor([logp64(model, tok, s["question"], s["y_pos"]) for s in samples], dtype=torch.float64)
 
     with torch.no_grad():
         fp32 = distill.sequence_logps(model, enc)
         torch.testing.assert_close(fp32.double(), truth(), rtol=1e-5, atol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = distill.sequence_logps(model, enc)
-            want = truth()
+            want = truth()  # the model's own head under autocast: bf16 logits
     assert seen == [torch.float32, torch.bfloat16]
-    torch.testing.assert_close(bf16.double(), want, rtol=1e-5, atol=1e-3)  # measured: 8e-5 apart
+    torch.testing.assert_close(bf16.double(), want, rtol=1e-5, atol=1e-3)
     assert not torch.allclose(bf16, fp32, rtol=0, atol=1e-3)  # bf16 products: not the fp32 path in disguise

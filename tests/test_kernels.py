@@ -180,9 +180,7 @@ def test_cuda_launch_configs_in_the_interpreter(kind, dtype, monkeypatch):
     monkeypatch.setattr(seq_logprob_mod, "_base_config", lambda h2d: dict(seq_logprob_mod.CUDA_CONFIGS[kind]))
     monkeypatch.setattr(seq_logprob_mod, "_sm_count", lambda device: 132)
     splits = []
-    real_fwd = seq_logprob_mod._seq_logprob_fwd
-    monkeypatch.setattr(seq_logprob_mod, "_seq_logprob_fwd",
-                        _Recording(real_fwd, splits))
+    monkeypatch.setattr(seq_logprob_mod, "_seq_logprob_fwd", _Recording(seq_logprob_mod._seq_logprob_fwd, splits))
     hidden, weight, labels = make_inputs(4, 50, 640, 80, "row", dtype, "cpu", seed=7)
     grad_out = torch.randn(4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE)
