@@ -304,6 +304,19 @@ def test_no_gpu_default_command_says_what_it_runs(tmp_path):
     assert config["out"].endswith("o2") and config["dtype"] == "fp32"
 
 
+@pytest.mark.parametrize("argv, dtype", [
+    (["--device", "cpu"], "fp32"),
+    (["--device", "cuda"], "fp32"),  # the built-in parties: fp32 + TF32 (bf16 learned far less on an H200)
+    (["--device", "cuda", "--llm", "a", "--slms", "b,c"], "bf16"),  # real checkpoints: bf16 autocast
+    (["--device", "cuda", "--dtype", "bf16"], "bf16"),
+    (["--device", "cuda", "--llm", "a", "--slms", "b", "--dtype", "fp32"], "fp32"),
+])
+def test_dtype_auto_is_bf16_only_for_real_checkpoints_on_cuda(argv, dtype, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolving the flags touches no GPU
+    args = federated.parse_args(argv + ["--preset", "cpu"])
+    assert federated.resolve_config(args)["dtype"] == dtype
+
+
 def test_real_checkpoints_and_gsm8k_file(tmp_path, cache):
     rows = [json.loads(l) for l in (SHARED / "train.jsonl").read_text().splitlines()[:80]] if SHARED.is_dir() else \
         [{"question": f"What is {i} + 2?", "answer": f"{i} + 2 = <<{i}+2={i + 2}>>{i + 2}\n#### {i + 2}"} for i in range(80)]

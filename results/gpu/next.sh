@@ -2,9 +2,10 @@
 # The next GPU session's one call (device tool: carry .whl with transformers 5.24.0, tokenizers 0.23.3,
 # liger-kernel 0.8.5, cut-cross-entropy 25.1.1 wheels for Python 3.12; see results/gpu/h200_2026-11-26/run.sh):
 #   BUDGET=540 bash results/gpu/next.sh 2>&1 | tee $OUT/driver.log
-# 1. diagnose.py: why the default preset learns less on the GPU than on a CPU, and where a step's 40 ms go;
-# 2. the default run, cold (its per-phase table), if the diagnosis left time;
-# 3. the kernel bench at the two large heads (0.5B was measured on 2026-11-26).
+# 1. the default run, cold, now in fp32 + TF32 (bf16 autocast was the learning gap: results/gpu/h200_2026-11-26b/);
+#    its log gives the per-phase table (warm-ups here, `phases` of each round in log.jsonl);
+# 2. the same run with the warmed-up models cached;
+# 3. the kernel bench at the 8B head (the 0.5B and 7B heads were measured on the H200 on 2026-11-26).
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
 left() { echo $(( DEADLINE - $(date +%s) )); }
 export PYTHONUNBUFFERED=1
@@ -19,7 +20,8 @@ step() {  # step NAME MAXSECONDS CMD...
   local e=$(date +%s%N); echo "== $name rc=$rc wall=$(( (e - s) / 1000000 )) ms (limit $t s)" | tee -a $OUT/env.txt
   grep -v "^warm-up" $OUT/$name.log | tail -8
 }
-step diagnose 240 python3 results/gpu/diagnose.py --parties slm3,llm --steps 300 --eval 32 --profile 20
-step cold 200 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
-step bench 120 python3 -m kernels.bench --shapes 7b --out $OUT/bench_7b.csv
+step cold 320 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
+step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
+(cd /tmp/runs && tar czf $OUT/runs.tar.gz $(ls -d */results.json */log.jsonl 2>/dev/null))
+step bench 80 python3 -m kernels.bench --shapes 8b --out $OUT/bench_8b.csv
 echo "total $(( $(date +%s) - T0 )) s"
