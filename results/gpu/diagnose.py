@@ -14,10 +14,19 @@ the mean batch loss of each block of 50 steps and the milliseconds per step. Aft
 mode it generates greedy paths for `--eval` validation problems in one left-padded batch and one
 by one (they should agree). Then (`--profile N`) it profiles N steps of the default mode and prints
 the ops that take the most GPU and CPU time. `--device cpu --modes fp32-torch` gives the CPU
-reference of the losses.
+reference of the losses. `--grads` takes the first mode's last batch and compares its loss and
+gradients in fp32 with those under bf16 autocast, and under bf16 with SDPA held to each backend.
+
+Found on 2026-11-26, 21:48 UTC (H200, results/gpu/h200_2026-11-26b/): bf16 autocast is the gap
+(slm3, steps 101-150: mean loss 1.83 under bf16 with either head, 0.69 in fp32 with either head),
+and bf16 steps are 4-5x slower. On the CPU, `--device cpu --parties slm3 --modes fp32-torch
+--steps 30 --eval 0 --profile 0 --grads` gives, for bf16 autocast with any SDPA backend there,
+loss 2.0110 against fp32's 2.0111 and a gradient cosine of 0.999995 (results/gpu/cpu_reference/
+grads_cpu.log); the same line on the GPU says which op breaks there.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -51,6 +60,7 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
     sft, warm_up = distill.sft_loss, distill.warm_up
 
     def recording(model, enc):
+        held["enc"] = enc
         if len(losses) in (1, steps - 1):  # time steps 2..steps (the first compiles kernels)
             sync(cfg)
             times.append(time.time())
@@ -76,7 +86,42 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
     finally:
         distill.sft_loss, distill.warm_up = sft, warm_up
     ms = (times[-1] - times[0]) / max(1, steps - 2) * 1e3 if len(times) == 2 else float("nan")
+    first_steps.last_batch = held.get("enc")
     return [float(x) for x in torch.stack(losses).cpu()], ms, held["model"], held["tok"]
+
+
+def grad_check(cfg, model, enc):
+    """One batch, one model: loss and gradients under fp32, bf16 autocast, and bf16 autocast with
+    SDPA held to each backend; per mode the loss, the cosine of the whole gradient with fp32's, and
+    the parameters whose gradients agree least (cosine, norm ratio). Names the op that bf16 breaks."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    dev = torch.device(cfg["device"]).type
+    modes = {"fp32": (False, None), "bf16": (True, None), "bf16 sdpa=math": (True, SDPBackend.MATH),
+             "bf16 sdpa=efficient": (True, SDPBackend.EFFICIENT_ATTENTION),
+             "bf16 sdpa=flash": (True, SDPBackend.FLASH_ATTENTION)}
+    model.train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = None
+    for label, (bf16, backend) in modes.items():
+        model.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16), \
+                    (sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()):
+                loss = distill.sft_loss(model, enc)
+            loss.backward()
+        except RuntimeError as e:  # a backend that cannot run these shapes
+            print(f"  {label:>20}: cannot run ({str(e).splitlines()[0][:100]})", flush=True)
+            continue
+        grads = {n: p.grad.detach().double().flatten() for n, p in params if p.grad is not None}
+        if ref is None:
+            ref = grads
+        flat = torch.cat([grads[n] for n in ref]), torch.cat([ref[n] for n in ref])
+        cos = float(torch.nn.functional.cosine_similarity(*flat, dim=0))
+        worst = sorted((float(torch.nn.functional.cosine_similarity(grads[n], ref[n], dim=0)), n,
+                        float(grads[n].norm() / ref[n].norm().clamp_min(1e-30))) for n in ref)[:4]
+        print(f"  {label:>20}: loss {loss.item():.4f}, gradient cosine with fp32 {cos:.6f}; least alike: "
+              + ", ".join(f"{n} ({c:.5f}, x{r:.3f})" for c, n, r in worst), flush=True)
+    model.zero_grad(set_to_none=True)
 
 
 def padding_check(cfg, splits, name, model, tok, n):
@@ -111,6 +156,8 @@ def main():
     ap.add_argument("--eval", type=int, default=32, help="problems for the padding check (0: none)")
     ap.add_argument("--profile", type=int, default=20, help="steps to profile (0: none)")
     ap.add_argument("--cache", default="/tmp/diagnose_cache")
+    ap.add_argument("--grads", action="store_true",
+                    help="after each party's first mode, compare its last batch's gradients in fp32 and bf16")
     args = ap.parse_args()
     cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", "default", "--device", args.device,
                                          "--cache", args.cache]))
@@ -121,6 +168,9 @@ def main():
             blocks = [sum(losses[i:i + 50]) / len(losses[i:i + 50]) for i in range(0, len(losses), 50)]
             print(f"{name} {mode:>11}: {ms:6.1f} ms/step (steps 2-{len(losses)}); "
                   f"mean loss per 50 steps: {' '.join(f'{b:.3f}' for b in blocks)}", flush=True)
+            if args.grads and mode == args.modes.split(",")[0]:
+                print(f"{name} after {len(losses)} {mode} steps, its last batch:", flush=True)
+                grad_check(cfg, model, first_steps.last_batch)
             if args.eval and mode == args.modes.split(",")[0]:
                 padding_check(cfg, splits, name, model, tok, args.eval)
         if args.profile:

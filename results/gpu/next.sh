@@ -2,6 +2,7 @@
 # The next GPU session's one call (device tool: carry .whl with transformers 5.24.0, tokenizers 0.23.3,
 # liger-kernel 0.8.5, cut-cross-entropy 25.1.1 wheels for Python 3.12; see results/gpu/h200_2026-11-26/run.sh):
 #   BUDGET=540 bash results/gpu/next.sh 2>&1 | tee $OUT/driver.log
+# 0. diagnose.py --grads: which op bf16 autocast breaks on the GPU (one batch, fp32 vs bf16 x SDPA backends);
 # 1. the default run, cold, now in fp32 + TF32 (bf16 autocast was the learning gap: results/gpu/h200_2026-11-26b/);
 #    its log gives the per-phase table (warm-ups here, `phases` of each round in log.jsonl);
 # 2. the same run with the warmed-up models cached;
@@ -20,7 +21,8 @@ step() {  # step NAME MAXSECONDS CMD...
   local e=$(date +%s%N); echo "== $name rc=$rc wall=$(( (e - s) / 1000000 )) ms (limit $t s)" | tee -a $OUT/env.txt
   grep -v "^warm-up" $OUT/$name.log | tail -8
 }
-step cold 320 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
+step grads 60 python3 results/gpu/diagnose.py --parties slm3 --modes fp32-torch --steps 30 --eval 0 --profile 0 --grads
+step cold 300 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
 step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
 (cd /tmp/runs && tar czf $OUT/runs.tar.gz $(ls -d */results.json */log.jsonl 2>/dev/null))
 step bench 80 python3 -m kernels.bench --shapes 8b --out $OUT/bench_8b.csv
