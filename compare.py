@@ -79,6 +79,33 @@ def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     tmp.write_text(json.dumps(res, indent=1))
     os.replace(tmp, dest)
     print(f"compare.py: {show(dest)} in {res['wall_seconds']:.0f}s", flush=True)
+    supersede_other_warm_ups(dest, res)
+
+
+def warm_ups(res: dict) -> dict:
+    """{(party, zoo): warm-up loss} of a run: which warmed-up models it started from."""
+    return {(n, p.get("zoo")): p["warm_loss"] for n, p in res.get("parties", {}).items() if "warm_loss" in p}
+
+
+def supersede_other_warm_ups(dest: Path, res: dict) -> list[Path]:
+    """Runs of one folder and seed are compared problem by problem, so they must start from the same
+    warmed-up models. A warm-up is reproducible on one machine but not bit for bit across machines
+    (README, "One warm-up per seed"), so a run whose warm-ups differ from those of the committed runs
+    beside it (same folder and seed, same party and model) moves those to superseded/warm-ups/, and
+    the grid runs them again from the current ones. Returns the moved files."""
+    mine, seed, moved = warm_ups(res), res["config"]["seed"], []
+    for peer in sorted(dest.parent.glob(f"*-s{seed}.json")):
+        if peer == dest:
+            continue
+        theirs = warm_ups(json.loads(peer.read_text()))
+        if any(k in theirs and theirs[k] != v for k, v in mine.items()):
+            to = res_root() / "superseded" / "warm-ups" / dest.parent.name / peer.name
+            to.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(peer, to)
+            moved.append(to)
+            print(f"compare.py: {show(peer)} started from other warm-ups than {dest.name}; moved to {show(to)} "
+                  "to be run again", flush=True)
+    return moved
 
 
 def claim(dest: Path, workdir: Path):
@@ -101,11 +128,13 @@ def claim(dest: Path, workdir: Path):
     return None
 
 
-def grid_runs(scenarios, methods, seeds):
+def grid_runs(scenarios, methods, seeds, scenario_lada_loss=False):
     """(scenario, method, seed, extra flags, result file) of the grid, in run order: scenario by
     scenario, each with all its seeds (a grid cut short leaves whole scenarios to test), then the gap
-    runs; `random` after `lada`. `lada-loss` of the scenarios comes last: it trains on the whole pool in
-    both directions (the costliest run by far) and no hypothesis reads it outside the gap runs."""
+    runs; `random` after `lada`. `lada-loss` runs in the gap runs only (H5 reads it there): in the
+    scenarios it is the costliest run by far (the whole pool, both directions; about two hours), no
+    hypothesis reads it, and it could no longer share its seed's warm-ups with the runs beside it
+    (README, "One warm-up per seed"); `--scenario_lada_loss` adds it back, last."""
     res = res_root()
 
     def scenario_runs(pick):
@@ -122,7 +151,8 @@ def grid_runs(scenarios, methods, seeds):
         for size in ("mid", "large"):  # the learnability gap: the smallest SLM alone with either LLM
             for m in ("lada-loss", "lada"):
                 yield "one2one", m, seed, ["--llm_size", size], res / "gap" / f"{size}-{m}-s{seed}.json"
-    yield from scenario_runs(lambda m: m == "lada-loss")
+    if scenario_lada_loss:
+        yield from scenario_runs(lambda m: m == "lada-loss")
 
 
 def best_scale(res_dir: Path, name: str, scales) -> float | None:
@@ -581,7 +611,7 @@ def start_jobs(args, n: int) -> list:
     cmd = [sys.executable, str(ROOT / "compare.py"), "--worker", "--seeds", args.seeds, "--scenarios", args.scenarios,
            "--methods", args.methods, "--workdir", args.workdir, "--preset", args.preset]
     cmd += ["--results", args.results] if args.results else []
-    cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force") if getattr(args, f)]
+    cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force", "scenario_lada_loss") if getattr(args, f)]
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -606,6 +636,8 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="run only the follow-up's tuning (F0, validation sets)")
     p.add_argument("--followup", action="store_true", help="run only the follow-up (F1-F4, seeds 3-5), after --tune")
     p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
+    p.add_argument("--scenario_lada_loss", action="store_true",
+                   help="also run lada-loss in the four scenarios, after everything else (about two hours a run)")
     p.add_argument("--jobs", type=int, default=1, help="processes that share the runs, each with cores / jobs threads "
                    "(a run uses one core well; warm-ups shared through the cache are done once)")
     p.add_argument("--workdir", default=None, help="run directories, the model cache and the locks "
@@ -652,7 +684,8 @@ def main(argv=None):
                 print(f"compare.py: the headroom check {why} (run --headroom --seeds {args.seeds} first; without "
                       "headroom the testbed is wrong, not the method); --force runs the grid anyway", file=sys.stderr)
                 return 2
-            make_todo = lambda: grid_runs(args.scenarios.split(","), args.methods.split(","), seeds)  # noqa: E731
+            make_todo = lambda: grid_runs(args.scenarios.split(","), args.methods.split(","), seeds,  # noqa: E731
+                                          args.scenario_lada_loss)
     if make_todo is not None:
         jobs = start_jobs(args, args.jobs) if args.jobs > 1 and not args.worker else []
         run_all(make_todo, workdir, wait_for_held=args.tune)

@@ -117,12 +117,40 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
     readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
     assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
-    # the whole order: every scenario without lada-loss (random after lada, fedavg in homo only), the gap
-    # runs, then the scenarios' lada-loss runs (the costliest, read by no hypothesis outside the gap)
+    # the whole order: every scenario without lada-loss (random after lada, fedavg in homo only), then the
+    # gap runs; the scenarios' lada-loss runs (the costliest, read by no hypothesis) only when asked, last
     order = [t[:3] for t in compare.grid_runs(["hetero", "homo"], compare.RUN_ORDER, [0, 1])]
     rest = lambda scen: ["local"] + (["fedavg"] if scen == "homo" else []) + ["fedmkt", "lada", "random", "lada-filter"]  # noqa: E731
-    assert order == ([(sc, m, s) for sc in ("hetero", "homo") for s in (0, 1) for m in rest(sc)] + gap(0) + gap(1) +
-                     [(sc, "lada-loss", s) for sc in ("hetero", "homo") for s in (0, 1)])
+    assert order == [(sc, m, s) for sc in ("hetero", "homo") for s in (0, 1) for m in rest(sc)] + gap(0) + gap(1)
+    every = [t[:3] for t in compare.grid_runs(["hetero", "homo"], compare.RUN_ORDER, [0, 1], scenario_lada_loss=True)]
+    assert every == order + [(sc, "lada-loss", s) for sc in ("hetero", "homo") for s in (0, 1)]
+
+
+def test_a_run_from_other_warm_ups_supersedes_the_runs_beside_it(tmp_path, monkeypatch):
+    """Runs of one folder and seed must start from the same warmed-up models: a new run whose warm-up
+    losses differ from those of the committed runs beside it moves them to superseded/warm-ups/ (to be
+    run again); runs of other seeds, runs with the same warm-ups, and parties of another model (the
+    gap runs' mid-size LLM beside the large one) are left alone."""
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results")
+    res = tmp_path / "results" / compare.PRESET
+
+    def run(seed, llm=("llama-cpu-l", 0.0621), slm=0.093):
+        r = _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)})
+        r["config"] = {"seed": seed}
+        r["parties"] = {"llm": {"zoo": llm[0], "warm_loss": llm[1]}, "slm1": {"zoo": "llama-tb", "warm_loss": slm}}
+        return r
+
+    _write(res / "gap", "large-lada-s1", run(1))
+    _write(res / "gap", "large-lada-loss-s2", run(2))  # another seed
+    new = run(1, llm=("llama-cpu-m", 0.0669))  # the mid-size LLM: another model, the same SLM warm-up
+    _write(res / "gap", "mid-lada-s1", new)
+    assert compare.supersede_other_warm_ups(res / "gap" / "mid-lada-s1.json", new) == []
+    new = run(1, llm=("llama-cpu-m", 0.0669), slm=0.0931)  # the SLM warmed up elsewhere: not bit-identical
+    _write(res / "gap", "mid-lada-loss-s1", new)
+    moved = compare.supersede_other_warm_ups(res / "gap" / "mid-lada-loss-s1.json", new)
+    assert sorted(p.name for p in moved) == ["large-lada-s1.json", "mid-lada-s1.json"]
+    assert all(p.parent == res / "superseded" / "warm-ups" / "gap" for p in moved)
+    assert sorted(p.name for p in (res / "gap").iterdir()) == ["large-lada-loss-s2.json", "mid-lada-loss-s1.json"]
 
 
 def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
