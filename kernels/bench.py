@@ -194,10 +194,14 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
         out = fwd()
         out.backward(g)
         gh_ref, gw_ref = ref["dard" if is_loss else "seq"]
-        err = dict(grad_h_rel_err=rel_err(hidden.grad, gh_ref), grad_w_rel_err=rel_err(weight.grad, gw_ref))
+        frozen = not weight.requires_grad  # --frozen: the head as under LoRA, no weight gradient
+        if frozen and weight.grad is not None:
+            raise RuntimeError("a frozen weight got a gradient")
+        err = dict(grad_h_rel_err=rel_err(hidden.grad, gh_ref),
+                   grad_w_rel_err=float("nan") if frozen else rel_err(weight.grad, gw_ref))
         if not is_loss:
             err["logp_max_abs_err"] = (out.detach().double() - ref["logp"]).abs().max().item()
-        grad_mb = (hidden.grad.numel() * hidden.grad.element_size() + weight.grad.numel() * weight.grad.element_size()) / 2**20
+        grad_mb = sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight) if t.grad is not None) / 2**20
         drop_grads()
         del out
         t_f, m_f = timed(fwd, device, reps, reset=drop_grads)
@@ -209,8 +213,8 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
         return dict(row, note=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
     finally:
         drop_grads()
-    flop = N * V * d
-    tf_f, tf_fb = 2 * flop / t_f / 1e9, 8 * flop / t_fb / 1e9
+    flop = N * V * d  # fwd+bwd counted as 8·N·V·d (6 with a frozen head: no weight-gradient product)
+    tf_f, tf_fb = 2 * flop / t_f / 1e9, (6 if frozen else 8) * flop / t_fb / 1e9
     return dict(row, fwd_ms=t_f, bwd_ms=t_b, fwdbwd_ms=t_fb, fwd_peak_mb=m_f, fwdbwd_peak_mb=m_fb,
                 extra_mb=m_fb - grad_mb, grad_mb=grad_mb, fwd_tflops=tf_f, fwdbwd_tflops=tf_fb,
                 fwd_peak_frac=tf_f / peak_tflops, fwdbwd_peak_frac=tf_fb / peak_tflops, **err, note="")
@@ -241,6 +245,8 @@ def main():
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of the default")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (median taken; default 10, 5 for paper)")
     ap.add_argument("--blocks", default=None, help="BT,BV,BD,warps,stages for the 16-bit Triton launches")
+    ap.add_argument("--frozen", action="store_true",
+                    help="the head's weight without gradient (as under LoRA): backward computes grad_hidden only")
     # where results go
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "bench_results.csv"), help="CSV path")
     args = ap.parse_args()
@@ -257,7 +263,7 @@ def main():
         torch=torch.__version__,
         triton=getattr(triton, "__version__", "none") + (" (interpreted)" if _INTERPRETED else ""),
         date=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
-        blocks=args.blocks or "default", matmul_tflops=round(peak, 1),
+        blocks=args.blocks or "default", matmul_tflops=round(peak, 1), frozen_head=args.frozen,
     )
     print(meta)
     rows = []
@@ -267,6 +273,8 @@ def main():
             continue
         inputs = make_inputs(shape, dtype, device)
         ref = f64_reference(*inputs[:4], inputs[4])
+        if args.frozen:
+            inputs[1].requires_grad_(False)
         for name in args.providers.split(","):
             rows.append(dict(meta, **bench_one(name.strip(), inputs, ref, device, reps, peak)))
             r = rows[-1]

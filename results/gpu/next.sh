@@ -5,10 +5,12 @@
 # 0. diagnose.py --grads: which op bf16 autocast breaks on the GPU (one batch, fp32 vs bf16 x SDPA backends);
 # 1. the default run, cold, now in fp32 + TF32 (bf16 autocast was the learning gap: results/gpu/h200_2026-11-26b/);
 #    its log gives the per-phase table (warm-ups here, `phases` of each round in log.jsonl);
-# 2. the same run with the warmed-up models cached;
-# 3. the kernel bench at the 8B head (the 0.5B and 7B heads were measured on the H200 on 2026-11-26).
+# 2. the kernel bench at the 8B head (the 0.5B and 7B heads were measured on the H200 on 2026-11-26);
+# 3. the frozen head (weight without gradient, as under LoRA) at the 7B head: backward vs the full one;
+# 4. the default run again with the warmed-up models cached.
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
 left() { echo $(( DEADLINE - $(date +%s) )); }
+mkdir -p /tmp/runs
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 python3 -c "import transformers, tokenizers" || { echo "carried wheels fail to import; using the image's"; unset PYTHONPATH; }
@@ -23,7 +25,8 @@ step() {  # step NAME MAXSECONDS CMD...
 }
 step grads 60 python3 results/gpu/diagnose.py --parties slm3 --modes fp32-torch --steps 30 --eval 0 --profile 0 --grads
 step cold 300 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
+step bench 80 python3 -m kernels.bench --shapes 8b --out /tmp/runs/bench_8b.csv
+step frozen 50 python3 -m kernels.bench --shapes 7b --frozen --providers triton,triton_dard,eager --out /tmp/runs/bench_7b_frozen.csv
 step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
-(cd /tmp/runs && tar czf $OUT/runs.tar.gz $(ls -d */results.json */log.jsonl 2>/dev/null))
-step bench 80 python3 -m kernels.bench --shapes 8b --out $OUT/bench_8b.csv
+(cd /tmp/runs && tar czf $OUT/data.tar.gz $(ls -d *.csv */results.json */log.jsonl 2>/dev/null))  # $OUT holds 8 files at most
 echo "total $(( $(date +%s) - T0 )) s"
