@@ -80,6 +80,7 @@ def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     os.replace(tmp, dest)
     print(f"compare.py: {show(dest)} in {res['wall_seconds']:.0f}s", flush=True)
     supersede_other_warm_ups(dest, res)
+    supersede_random_of_other_counts(dest.parent, res["config"]["seed"])
 
 
 def warm_ups(res: dict) -> dict:
@@ -106,6 +107,23 @@ def supersede_other_warm_ups(dest: Path, res: dict) -> list[Path]:
             print(f"compare.py: {show(peer)} started from other warm-ups than {dest.name}; moved to {show(to)} "
                   "to be run again", flush=True)
     return moved
+
+
+def supersede_random_of_other_counts(folder: Path, seed: int) -> Path | None:
+    """`random` takes, per student and round, the counts of the `lada` run of its folder and seed. If
+    that `lada` run was run again (say, from other warm-ups) after `random` read its counts, the two no
+    longer match: `random` moves to superseded/counts/ and the grid runs it again. Returns the moved file."""
+    lada, rand = folder / f"lada-s{seed}.json", folder / f"random-s{seed}.json"
+    if not (lada.exists() and rand.exists()):
+        return None
+    picks = lambda p: [r.get("selected", {}) for r in json.loads(p.read_text())["rounds"]]  # noqa: E731
+    if picks(lada) == picks(rand):
+        return None
+    to = res_root() / "superseded" / "counts" / folder.name / rand.name
+    to.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(rand, to)
+    print(f"compare.py: {show(rand)} took other counts than {lada.name}; moved to {show(to)} to be run again", flush=True)
+    return to
 
 
 def claim(dest: Path, workdir: Path):

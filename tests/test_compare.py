@@ -417,3 +417,26 @@ def test_bad_flags_give_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "compare.py: error: --jobs 0: needs at least 1\n"
     assert compare.main(["--seeds", "0,x", "--status"]) == 2
     assert capsys.readouterr().err == "compare.py: error: --seeds 0,x: expected comma-separated integers\n"
+
+
+def test_random_is_run_again_when_its_lada_run_changed(tmp_path, monkeypatch):
+    """`random` must take the counts of its folder and seed's `lada` run: when they differ (the lada run
+    was made again after random read it), random moves to superseded/counts/; when they match, or one
+    of the two is missing, nothing moves."""
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results")
+    d = tmp_path / "results" / compare.PRESET / "llm2slm"
+
+    def run(*picked):
+        r = _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)})
+        r["rounds"] = [dict(r["rounds"][0], round=i + 1, selected={"down/slm1": k}) for i, k in enumerate(picked)]
+        return r
+
+    _write(d, "random-s1", run(16, 9))
+    assert compare.supersede_random_of_other_counts(d, 1) is None  # no lada run
+    _write(d, "lada-s1", run(16, 9))
+    assert compare.supersede_random_of_other_counts(d, 1) is None  # the same counts
+    _write(d, "lada-s1", run(16, 8))  # lada made again: round 2 picked 8
+    moved = compare.supersede_random_of_other_counts(d, 1)
+    assert moved == tmp_path / "results" / compare.PRESET / "superseded" / "counts" / "llm2slm" / "random-s1.json"
+    assert moved.exists() and not (d / "random-s1.json").exists() and (d / "lada-s1.json").exists()
+
