@@ -100,12 +100,7 @@ def supersede_other_warm_ups(dest: Path, res: dict) -> list[Path]:
             continue
         theirs = warm_ups(json.loads(peer.read_text()))
         if any(k in theirs and theirs[k] != v for k, v in mine.items()):
-            to = res_root() / "superseded" / "warm-ups" / dest.parent.name / peer.name
-            to.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(peer, to)
-            moved.append(to)
-            print(f"compare.py: {show(peer)} started from other warm-ups than {dest.name}; moved to {show(to)} "
-                  "to be run again", flush=True)
+            moved.append(supersede(peer, "warm-ups", f"started from other warm-ups than {dest.name}"))
     return moved
 
 
@@ -119,10 +114,16 @@ def supersede_random_of_other_counts(folder: Path, seed: int) -> Path | None:
     picks = lambda p: [r.get("selected", {}) for r in json.loads(p.read_text())["rounds"]]  # noqa: E731
     if picks(lada) == picks(rand):
         return None
-    to = res_root() / "superseded" / "counts" / folder.name / rand.name
+    return supersede(rand, "counts", f"took other counts than {lada.name}")
+
+
+def supersede(result: Path, why: str, because: str) -> Path:
+    """Move a committed result to superseded/<why>/<its folder>/, where the grid no longer finds it
+    (so it runs again), saying so; returns the new path."""
+    to = res_root() / "superseded" / why / result.parent.name / result.name
     to.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(rand, to)
-    print(f"compare.py: {show(rand)} took other counts than {lada.name}; moved to {show(to)} to be run again", flush=True)
+    os.replace(result, to)
+    print(f"compare.py: {show(result)} {because}; moved to {show(to)} to be run again", flush=True)
     return to
 
 

@@ -54,7 +54,7 @@ def sync(cfg):
 
 def first_steps(cfg, splits, name, steps, dtype, kernel):
     """(losses of the first `steps` warm-up steps of party `name`, ms per step over steps 2..steps,
-    model, tokenizer): the real warm_up (distill.warm_up via federated.build_parties), stopped early."""
+    model, tokenizer, the last batch): the real warm_up (distill.warm_up via federated.build_parties), stopped early."""
     os.environ["LADA_KERNEL"] = kernel
     losses, times, held = [], [], {}
     sft, warm_up = distill.sft_loss, distill.warm_up
@@ -86,8 +86,7 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
     finally:
         distill.sft_loss, distill.warm_up = sft, warm_up
     ms = (times[-1] - times[0]) / max(1, steps - 2) * 1e3 if len(times) == 2 else float("nan")
-    first_steps.last_batch = held.get("enc")
-    return [float(x) for x in torch.stack(losses).cpu()], ms, held["model"], held["tok"]
+    return [float(x) for x in torch.stack(losses).cpu()], ms, held["model"], held["tok"], held.get("enc")
 
 
 def grad_check(cfg, model, enc):
@@ -164,13 +163,13 @@ def main():
     splits = F.make_data(cfg, 3)
     for name in args.parties.split(","):
         for mode in args.modes.split(","):
-            losses, ms, model, tok = first_steps(cfg, splits, name, args.steps, *MODES[mode])
+            losses, ms, model, tok, last_batch = first_steps(cfg, splits, name, args.steps, *MODES[mode])
             blocks = [sum(losses[i:i + 50]) / len(losses[i:i + 50]) for i in range(0, len(losses), 50)]
             print(f"{name} {mode:>11}: {ms:6.1f} ms/step (steps 2-{len(losses)}); "
                   f"mean loss per 50 steps: {' '.join(f'{b:.3f}' for b in blocks)}", flush=True)
             if args.grads and mode == args.modes.split(",")[0]:
                 print(f"{name} after {len(losses)} {mode} steps, its last batch:", flush=True)
-                grad_check(cfg, model, first_steps.last_batch)
+                grad_check(cfg, model, last_batch)
             if args.eval and mode == args.modes.split(",")[0]:
                 padding_check(cfg, splits, name, model, tok, args.eval)
         if args.profile:
