@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import format_prompt
-from kernels import dard_loss_fused, head_is_plain_linear, seq_logprob
+from kernels import dard_loss_fused, head_is_plain_linear, kept_tokens, seq_logprob
 from models import crash_point, hidden_and_head, to_device
 
 IGNORE = -100
@@ -41,7 +41,9 @@ def collate(rows, pad_id, device=None) -> dict:
     length is left out before it gets here (TokenizedSet, distill), and counted.
 
     Returns input_ids (B, T), labels (B, T) already shifted (labels[t] is the token after input t;
-    prompt positions and padding are -100) and n_tokens (B,) = path tokens + EOS, the |y| of spec §4.
+    prompt positions and padding are -100), n_tokens (B,) = path tokens + EOS, the |y| of spec §4,
+    and tok, the flat indices of the labelled positions (kernels.kept_tokens), found here on the host
+    so that the head never waits for the device to find them.
     No attention mask: with right padding no real position of a causal model attends to a pad, so
     the model runs its unmasked (flash) attention; labels keep the pads out of every loss.
     """
@@ -52,7 +54,7 @@ def collate(rows, pad_id, device=None) -> dict:
     T = max(len(ids) for ids, _ in seqs)
     input_ids = torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in seqs])
     labels = torch.tensor([lab + [IGNORE] * (T - len(lab)) for _, lab in seqs])
-    enc = dict(input_ids=input_ids, labels=labels, n_tokens=(labels != IGNORE).sum(1))
+    enc = dict(input_ids=input_ids, labels=labels, n_tokens=(labels != IGNORE).sum(1), tok=kept_tokens(labels, IGNORE))
     return {k: to_device(v, device) for k, v in enc.items()}
 
 
@@ -129,7 +131,7 @@ def sequence_logps(model, enc) -> torch.Tensor:
     """Summed log p(y|x) per row (B,), differentiable (spec §1: the joint path probability)."""
     hw = _head_inputs(model, enc)
     if hw is not None:
-        return seq_logprob(hw[0], hw[1], enc["labels"])
+        return seq_logprob(hw[0], hw[1], enc["labels"], tok=enc.get("tok"))
     logits = model(input_ids=enc["input_ids"]).logits.float()
     lab = enc["labels"]
     lp = torch.gather(F.log_softmax(logits, -1), 2, lab.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -371,7 +373,7 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
                     q, a = to_device(q_all[idx], device), to_device(a_all[idx], device)
                     hw = _head_inputs(model, enc)
                     if hw is not None:
-                        l_main, _ = dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, a)
+                        l_main, _ = dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, a, tok=enc["tok"])
                     else:
                         lp = sequence_logps(model, enc)
                         B = len(idx)

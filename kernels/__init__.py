@@ -3,8 +3,10 @@
     seq_logprob(hidden, weight, labels)            -> (B,) summed log-probs of each row's labels
     dard_loss_fused(hidden, weight, labels, ...)   -> (DARD loss, detached (2B,) log-probs)
 
-Both run Triton kernels on CUDA tensors and their plain-torch references (same files) elsewhere;
-`LADA_KERNEL=triton|torch` forces a path, `kernel_backend(t)` says which one runs for tensor t.
+Both run Triton kernels on CUDA tensors whose batch would hold more than SMALL_HEAD_LOGITS logits,
+and their plain-torch references (same files) elsewhere; `LADA_KERNEL=triton|torch` forces a path,
+`kernel_backend(t, n_logits)` says which one runs. `tok=kept_tokens(labels)`, computed where the
+labels are built, spares the device sync of finding the unmasked tokens.
 Callers check `head_is_plain_linear(model)` first: the kernels compute hidden @ weightᵀ and nothing
 more, so a head with a bias, logit soft-capping or logit scaling needs the model's own forward.
 """
@@ -12,11 +14,11 @@ more, so a head with a bias, logit soft-capping or logit scaling needs the model
 from torch import nn
 
 from .dard_loss import dard_loss_from_logps, dard_loss_fused, dard_loss_reference
-from .seq_logprob import HAS_TRITON, kernel_backend, seq_logprob, seq_logprob_reference
+from .seq_logprob import HAS_TRITON, SMALL_HEAD_LOGITS, kept_tokens, kernel_backend, seq_logprob, seq_logprob_reference
 
 __all__ = [
     "seq_logprob", "seq_logprob_reference", "dard_loss_fused", "dard_loss_reference",
-    "dard_loss_from_logps", "kernel_backend", "head_is_plain_linear", "HAS_TRITON",
+    "dard_loss_from_logps", "kernel_backend", "kept_tokens", "head_is_plain_linear", "HAS_TRITON", "SMALL_HEAD_LOGITS",
 ]
 
 # config fields (transformers names) that change logits after lm_head, and their "off" values

@@ -67,8 +67,8 @@ def make_provider(name, device, dard):
         if device.type != "cuda" and not _INTERPRETED:
             return "CPU without TRITON_INTERPRET=1"
         if name == "triton":
-            return lambda h, w, y: _SeqLogprobFunction.apply(h, w, y, -100)
-        return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100)[0]
+            return lambda h, w, y: _SeqLogprobFunction.apply(h, w, y, -100, None)
+        return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100, None)[0]
     if name == "torch_ref":
         return seq_logprob_reference
     if name == "eager":

@@ -51,10 +51,10 @@ def _pair_counts(labels, ignore_index):
     return (labels[: labels.shape[0] // 2] != ignore_index).sum(1)
 
 
-def dard_loss_reference(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index=-100):
+def dard_loss_reference(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index=-100, tok=None):
     """Same contract as `dard_loss_fused`, composed of seq_logprob_reference + dard_loss_from_logps."""
     assert hidden.shape[0] % 2 == 0, "hidden must stack B y⁺ rows then B y⁻ rows"
-    logps = seq_logprob_reference(hidden, weight, labels, ignore_index)
+    logps = seq_logprob_reference(hidden, weight, labels, ignore_index, tok=tok)
     loss = dard_loss_from_logps(logps, ref_logps, q, beta, alpha, _pair_counts(labels, ignore_index))
     return loss, logps.detach()
 
@@ -65,9 +65,9 @@ def dard_loss_reference(hidden, weight, labels, ref_logps, q, beta, alpha, ignor
 
 class _DardLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index):
+    def forward(ctx, hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index, tok):
         B = hidden.shape[0] // 2
-        h2d, w, tok, row, lab = _flatten_valid(hidden, weight, labels, ignore_index)
+        h2d, w, tok, row, lab = _flatten_valid(hidden, weight, labels, ignore_index, tok)
         tok_logp, lse = triton_token_fwd(h2d, w, tok, lab)  # fused forward, (n,) each
         logps = torch.zeros(2 * B, dtype=torch.float32, device=hidden.device).index_add_(0, row, tok_logp)
         n = _pair_counts(labels, ignore_index).float().clamp_min(1)
@@ -93,20 +93,21 @@ class _DardLossFunction(torch.autograd.Function):
         gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
         gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
-def dard_loss_fused(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index=-100):
+def dard_loss_fused(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index=-100, tok=None):
     """DARD loss (spec §4, without λ·L_local) straight from the final hidden states.
 
     hidden (2B, T, d) student's final hidden states, rows [y⁺_0..y⁺_{B-1}, y⁻_0..y⁻_{B-1}]
     weight (V, d) student's lm_head weight; labels (2B, T) aligned with hidden, ignore_index masked
     ref_logps (2B,) π_ref's summed log-probs of the same rows; q (B,) soft targets
     beta float; alpha float or (B,) tensor (the caller passes α · correct(y⁺))
+    tok (optional) kernels.kept_tokens(labels), computed where labels were built (no device sync here)
     Returns (loss scalar fp32, logps (2B,) fp32 detached). Gradients flow to hidden and weight only.
     """
     assert hidden.shape[0] % 2 == 0, "hidden must stack B y⁺ rows then B y⁻ rows"
     assert q.shape == (hidden.shape[0] // 2,), f"q {tuple(q.shape)}: expected ({hidden.shape[0] // 2},)"
-    if kernel_backend(hidden) == "triton":
-        return _DardLossFunction.apply(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index)
-    return dard_loss_reference(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index)
+    if kernel_backend(hidden, labels.numel() * weight.shape[0]) == "triton":
+        return _DardLossFunction.apply(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index, tok)
+    return dard_loss_reference(hidden, weight, labels, ref_logps, q, beta, alpha, ignore_index, tok)

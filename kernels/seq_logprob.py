@@ -52,7 +52,14 @@ def _token_logprob(h, w, lab):
     return -torch.nn.functional.cross_entropy(logits, lab, reduction="none")
 
 
-def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_tokens=None):
+def kept_tokens(labels, ignore_index=-100):
+    """Flat indices b*T + t of the unmasked tokens of labels (B, T), int64, sorted. On a GPU this is a
+    host sync (`nonzero`); callers that build labels on the host compute it there and pass it as `tok`
+    (distill.collate does), so that a training step never waits for the device."""
+    return (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
+
+
+def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_tokens=None, tok=None):
     """Same contract as `seq_logprob`, in plain torch.
 
     hidden (B, T, d), weight (V, d), labels (B, T) already aligned with hidden. Returns (B,) in
@@ -63,7 +70,7 @@ def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_token
     B, T, d = hidden.shape
     ctype = torch.promote_types(hidden.dtype, torch.float32)
     chunk_tokens = chunk_tokens or max(1, 2**26 // weight.shape[0])
-    tok = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)  # flat b*T + t of kept tokens
+    tok = kept_tokens(labels, ignore_index) if tok is None else tok  # flat b*T + t of kept tokens
     h = hidden.reshape(-1, d)[tok]  # (n, d)
     lab = labels.reshape(-1)[tok]
     w = weight.to(ctype)  # one upcast copy, shared by the chunks
@@ -236,9 +243,10 @@ def _launch_config(h2d):
     return cfg, cfg.pop("num_splits")
 
 
-def _flatten_valid(hidden, weight, labels, ignore_index):
+def _flatten_valid(hidden, weight, labels, ignore_index, tok=None):
     """Kernel inputs: h2d (B*T, d) and w (V, d) in hidden's dtype with unit stride along d, and the
-    unmasked tokens' flat indices tok, rows b = tok // T and targets lab, all int64 (n,)."""
+    unmasked tokens' flat indices tok (`kept_tokens`, unless the caller gives them), rows b = tok // T
+    and targets lab, all int64 (n,)."""
     B, T, d = hidden.shape
     assert weight.dim() == 2 and weight.shape[1] == d, f"weight {tuple(weight.shape)} vs hidden d={d}"
     assert labels.shape == (B, T), f"labels {tuple(labels.shape)} vs hidden {(B, T)}"
@@ -247,7 +255,7 @@ def _flatten_valid(hidden, weight, labels, ignore_index):
     h2d = h2d if h2d.stride(1) == 1 else h2d.contiguous()
     w = weight.to(hidden.dtype)  # e.g. fp32 master weights with bf16 activations, as autocast does
     w = w if w.stride(1) == 1 else w.contiguous()
-    tok = (labels != ignore_index).reshape(-1).nonzero().squeeze(1)  # one host sync
+    tok = kept_tokens(labels, ignore_index) if tok is None else tok.to(labels.device)
     lab = labels.reshape(-1)[tok].long().contiguous()
     return h2d, w, tok, tok // T, lab
 
@@ -349,8 +357,8 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
 
 class _SeqLogprobFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index):
-        h2d, w, tok, row, lab = _flatten_valid(hidden, weight, labels, ignore_index)
+    def forward(ctx, hidden, weight, labels, ignore_index, tok):
+        h2d, w, tok, row, lab = _flatten_valid(hidden, weight, labels, ignore_index, tok)
         tok_logp, lse = triton_token_fwd(h2d, w, tok, lab)
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         out.index_add_(0, row, tok_logp)  # per-row sum of the (n,) per-token log-probs
@@ -366,7 +374,7 @@ class _SeqLogprobFunction(torch.autograd.Function):
         gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
         gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -374,17 +382,22 @@ class _SeqLogprobFunction(torch.autograd.Function):
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Below this many logits (batch rows x length x vocabulary: 64 MB in fp32) the torch head runs on a GPU
+# too: its logits are small, and cuBLAS + cross_entropy beat the fused kernels' launches there (H200,
+# the default preset's 78-entry character SLM: 23.4 against 35.6 ms a warm-up step; README).
+SMALL_HEAD_LOGITS = 2**24
 
 
-def kernel_backend(tensor):
-    """'triton' or 'torch': the path `seq_logprob` / `dard_loss_fused` take for this tensor."""
+def kernel_backend(tensor, n_logits=None):
+    """'triton' or 'torch': the path `seq_logprob` / `dard_loss_fused` take for this tensor, whose
+    batch would hold n_logits logits (None: large). LADA_KERNEL=triton|torch forces a path."""
     forced = os.environ.get("LADA_KERNEL", "").strip().lower()
     if forced not in ("", "triton", "torch"):
         raise ValueError(f"LADA_KERNEL={forced!r}: expected 'triton' or 'torch'")
     if forced == "torch" or not HAS_TRITON or tensor.dtype not in _KERNEL_DTYPES:
         return "torch"  # (float64 inputs, e.g. for checking, always take the reference)
     if tensor.is_cuda:
-        return "triton"
+        return "torch" if forced == "" and n_logits is not None and n_logits <= SMALL_HEAD_LOGITS else "triton"
     if forced == "triton":
         if _INTERPRETED:
             return "triton"
@@ -392,13 +405,14 @@ def kernel_backend(tensor):
     return "torch"
 
 
-def seq_logprob(hidden, weight, labels, ignore_index=-100):
+def seq_logprob(hidden, weight, labels, ignore_index=-100, tok=None):
     """Σ_t log softmax(hidden[b,t] @ weightᵀ)[labels[b,t]] over unmasked t, per row b.
 
     hidden (B, T, d) final hidden states (input of lm_head); weight (V, d) lm_head weight;
-    labels (B, T) int in [0, V) or ignore_index (masked), aligned with hidden (the caller shifts).
+    labels (B, T) int in [0, V) or ignore_index (masked), aligned with hidden (the caller shifts);
+    tok (optional) `kept_tokens(labels)` computed where labels were built (no device sync here).
     Returns (B,) fp32, differentiable in hidden and weight; a fully masked row gives exactly 0.
     """
-    if kernel_backend(hidden) == "triton":
-        return _SeqLogprobFunction.apply(hidden, weight, labels, ignore_index)
-    return seq_logprob_reference(hidden, weight, labels, ignore_index)
+    if kernel_backend(hidden, labels.numel() * weight.shape[0]) == "triton":
+        return _SeqLogprobFunction.apply(hidden, weight, labels, ignore_index, tok)
+    return seq_logprob_reference(hidden, weight, labels, ignore_index, tok=tok)

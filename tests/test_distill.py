@@ -64,6 +64,8 @@ def test_batches_from_cached_ids_equal_per_step_tokenization(kind, max_len):
         ids, lab = _per_step_batch(tok, [kept[i] for i in idx])  # whole rows: nothing is ever cut
         assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["labels"], lab)
         assert torch.equal(enc["n_tokens"], (lab != -100).sum(1))
+        T = lab.shape[1]  # the head's token indices, found on the host: every labelled position, in order
+        assert enc["tok"].tolist() == [b * T + t for b in range(len(idx)) for t in range(T) if lab[b, t] != -100]
 
 
 def test_length_buckets_see_every_row_once_per_pass_with_little_padding(tok):
@@ -234,7 +236,7 @@ def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
     want = torch.tensor([logp(s["question"], s["y_pos"]) for s in samples] +  # float64
                         [logp(s["question"], s["y_neg"]) for s in samples], dtype=torch.float64)
     seen, real = [], distill.dard_loss_fused
-    monkeypatch.setattr(distill, "dard_loss_fused", lambda h, w, lab, ref, *a: seen.append(ref.clone()) or real(h, w, lab, ref, *a))
+    monkeypatch.setattr(distill, "dard_loss_fused", lambda h, w, lab, ref, *a, **kw: seen.append(ref.clone()) or real(h, w, lab, ref, *a, **kw))
     before = [p.detach().clone() for p in model.parameters()]
     cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=3, distill_epochs=3, max_len=None)
     distill.distill(model, tok, torch.optim.SGD(model.parameters(), lr=0.5), samples, [], "dard", cfg, random.Random(0))
@@ -253,7 +255,7 @@ def test_the_fused_head_gets_autocasts_dtype(tok, monkeypatch, logp64):
     samples = _pairs(3, seed=5)
     enc = distill.encode_pairs(tok, [s["question"] for s in samples], [s["y_pos"] for s in samples])
     seen, real = [], distill.seq_logprob
-    monkeypatch.setattr(distill, "seq_logprob", lambda h, w, lab: seen.append(h.dtype) or real(h, w, lab))
+    monkeypatch.setattr(distill, "seq_logprob", lambda h, w, lab, **kw: seen.append(h.dtype) or real(h, w, lab, **kw))
     truth = lambda: torch.tensor([logp64(model, tok, s["question"], s["y_pos"]) for s in samples], dtype=torch.float64)
 
     with torch.no_grad():
@@ -265,3 +267,24 @@ def test_the_fused_head_gets_autocasts_dtype(tok, monkeypatch, logp64):
     assert seen == [torch.float32, torch.bfloat16]
     torch.testing.assert_close(bf16.double(), want, rtol=1e-5, atol=1e-3)
     assert not torch.allclose(bf16, fp32, rtol=0, atol=1e-3)  # bf16 products: not the fp32 path in disguise
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_training_step_never_waits_for_the_gpu(tok, backend, monkeypatch):
+    """No host sync inside a warm-up / local / distillation step (the batch, the model, the head, the
+    clipped AdamW step): torch's sync debug mode turns any sync into an error. The first step runs
+    outside the check (lazy CUDA and optimizer initialization)."""
+    monkeypatch.setenv("LADA_KERNEL", backend)
+    model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"]).cuda()
+    examples = distill.TokenizedSet(tok, data.generate(64, seed=4))
+    opt = distill.make_optimizer(model, 1e-3)
+    batches = examples.batches(16, random.Random(0))
+    distill.optimizer_step(model, opt, distill.sft_loss(model, examples.batch(next(batches), "cuda")))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            distill.optimizer_step(model, opt, distill.sft_loss(model, examples.batch(next(batches), "cuda")))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

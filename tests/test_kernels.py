@@ -109,6 +109,42 @@ def test_seq_logprob_matches_float64(case, dtype, backend, device, monkeypatch):
         assert torch.count_nonzero(hidden.grad[:, :3]) == 0
 
 
+def hand_kept(labels):
+    """Flat indices b*T + t of the unmasked labels, by a loop over positions."""
+    B, T = labels.shape
+    return [b * T + t for b in range(B) for t in range(T) if labels[b, t].item() != IGNORE]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["odd", "masked_row"])
+def test_token_indices_found_on_the_host_give_the_float64_result(case, backend, device, monkeypatch):
+    """tok= (the unmasked positions, found where the batch is built: distill.collate) replaces the
+    device-side search; log-probs, DARD loss and gradients still match float64."""
+    use_backend(monkeypatch, backend, device)
+    B, T, V, d, mask = CASES[case]
+    hidden, weight, labels = make_inputs(2 * B, T, V, d, mask, torch.float32, device, seed=11)
+    tok = torch.tensor(hand_kept(labels.cpu()))  # on the host, as collate ships it
+    assert kernels.kept_tokens(labels.cpu(), IGNORE).tolist() == tok.tolist()
+    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE, tok=tok)
+    out.sum().backward()
+    dh, dw = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
+    assert_close(out, logprob_f64(hidden, weight, labels), TOL[torch.float32][0])
+    assert_close(hidden.grad, dh, TOL[torch.float32][1])
+    assert_close(weight.grad, dw, TOL[torch.float32][1])
+
+    hidden.grad = weight.grad = None
+    ref, q = torch.full((2 * B,), -30.0, device=device), torch.linspace(0.1, 0.9, B, device=device)
+    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, 0.5, 0.3, ignore_index=IGNORE, tok=tok)
+    loss.backward()
+    expected, expected_logps = dard_f64(hidden, weight, labels, ref, q, 0.5, 0.3)
+    dh, dw = grads_f64(lambda h, w: dard_f64(h, w, labels, ref, q, 0.5, 0.3)[0], hidden, weight)
+    assert_close(logps, expected_logps, TOL[torch.float32][0])
+    assert_close(loss, expected, (1e-5, 1e-5))
+    assert_close(hidden.grad, dh, TOL[torch.float32][1])
+    assert_close(weight.grad, dw, TOL[torch.float32][1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_seq_logprob_triton_frozen_weight_one_split(device, monkeypatch):
     """weight.requires_grad=False skips the weight gradient; num_splits=1 is the unsplit forward."""
@@ -318,6 +354,13 @@ def test_kernel_backend_dispatch(monkeypatch):
     if HAS_CUDA and kernels.HAS_TRITON:
         monkeypatch.delenv("LADA_KERNEL")
         assert kernels.kernel_backend(x.cuda()) == "triton"
+        # on a GPU the torch head takes batches whose logits are small; forcing still wins
+        assert kernels.kernel_backend(x.cuda(), kernels.SMALL_HEAD_LOGITS) == "torch"
+        assert kernels.kernel_backend(x.cuda(), kernels.SMALL_HEAD_LOGITS + 1) == "triton"
+        monkeypatch.setenv("LADA_KERNEL", "triton")
+        assert kernels.kernel_backend(x.cuda(), 10) == "triton"
+    monkeypatch.delenv("LADA_KERNEL", raising=False)
+    assert kernels.kernel_backend(x, 10**12) == "torch"  # the size never sends CPU tensors to Triton
 
 
 class _FakeLM(nn.Module):
