@@ -40,7 +40,8 @@ import eval as ev  # noqa: E402
 import federated as F  # noqa: E402
 
 MODES = {"bf16-triton": ("bf16", "triton"), "bf16-torch": ("bf16", "torch"),
-         "fp32-triton": ("fp32", "triton"), "fp32-torch": ("fp32", "torch")}
+         "fp32-triton": ("fp32", "triton"), "fp32-torch": ("fp32", "torch"),
+         "fp32-auto": ("fp32", ""), "bf16-auto": ("bf16", "")}  # "": the head kernels.kernel_backend picks by size
 
 
 class Stop(Exception):
@@ -141,7 +142,7 @@ def profile(cfg, splits, name, steps):
     from torch.profiler import ProfilerActivity, profile as prof
     cuda = cfg["device"].startswith("cuda")
     with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
-        first_steps(cfg, splits, name, steps, cfg["dtype"], "triton" if cuda else "torch")
+        first_steps(cfg, splits, name, steps, cfg["dtype"], "")  # the run's own precision and head
     print(p.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=15))
 
