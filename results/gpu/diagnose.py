@@ -153,13 +153,14 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--preset", default="default", help="federated.py's size preset (cpu: the CPU preset's warm-ups)")
     ap.add_argument("--eval", type=int, default=32, help="problems for the padding check (0: none)")
     ap.add_argument("--profile", type=int, default=20, help="steps to profile (0: none)")
     ap.add_argument("--cache", default="/tmp/diagnose_cache")
     ap.add_argument("--grads", action="store_true",
                     help="after each party's first mode, compare its last batch's gradients in fp32 and bf16")
     args = ap.parse_args()
-    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", "default", "--device", args.device,
+    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", args.preset, "--device", args.device,
                                          "--cache", args.cache]))
     splits = F.make_data(cfg, 3)
     for name in args.parties.split(","):
