@@ -6,7 +6,9 @@
 Both run Triton kernels on CUDA tensors whose batch would hold more than SMALL_HEAD_LOGITS logits,
 and their plain-torch references (same files) elsewhere; `LADA_KERNEL=triton|torch` forces a path,
 `kernel_backend(t, n_logits)` says which one runs. `tok=kept_tokens(labels)`, computed where the
-labels are built, spares the device sync of finding the unmasked tokens.
+labels are built, spares the device sync of finding the unmasked tokens. `LADA_KERNEL_BACKWARD=lean`
+selects a backward with a quarter of the extra memory or less, for one more pass over the logits
+(kernels/BENCH.md).
 Callers check `head_is_plain_linear(model)` first: the kernels compute hidden @ weightᵀ and nothing
 more, so a head with a bias, logit soft-capping or logit scaling needs the model's own forward.
 """

@@ -8,6 +8,8 @@ Providers, all computing per-sequence Σ_t log p(label_t) for (tokens, vocab, hi
 in rows of T = min(1024, N/8) tokens (every label kept, so FLOPs compare across providers), then the
 gradient of Σ_b g_b · logp_b for a random g:
   triton      kernels.seq_logprob: online log-sum-exp forward, backward in vocabulary chunks
+  triton_lean the same with LADA_KERNEL_BACKWARD=lean: grad_hidden token slice by token slice
+              (extra memory a quarter or less; one more pass over the logits, 10NVd in all)
   triton_dard kernels.dard_loss_fused on the same rows read as B y⁺ then B y⁻ (loss, then its gradient)
   torch_ref   seq_logprob_reference: chunked, checkpointed torch (the CPU path)
   eager       materialized logits: (h @ Wᵀ).float() -> log_softmax -> gather (what HF does)
@@ -46,7 +48,7 @@ SHAPES = {  # (tokens, vocab, hidden)
 }
 SHAPES.update(dict(zip(["0.5b", "7b", "8b"], ([s] for s in SHAPES["paper"]))))  # one paper shape each
 SHAPES["all"] = SHAPES["small"] + SHAPES["paper"]
-PROVIDERS = ["triton", "triton_dard", "torch_ref", "eager", "compile", "liger", "cce", "cce_exact"]
+PROVIDERS = ["triton", "triton_lean", "triton_dard", "torch_ref", "eager", "compile", "liger", "cce", "cce_exact"]
 INTERPRET_MAX_WORK = 2**22  # N·V·d above which interpreted Triton is skipped (minutes per call)
 BETA, ALPHA = 0.1, 0.1  # DARD constants for triton_dard (spec §4 defaults)
 
@@ -61,13 +63,22 @@ def eager_seq_logprob(hidden, weight, labels):
 def make_provider(name, device, dard):
     """fn(hidden, weight, labels) -> (B,) fp32 per-sequence log-probs (for triton_dard: the loss),
     or a string saying why it cannot run. `dard` holds triton_dard's fixed ref_logps and q."""
-    if name in ("triton", "triton_dard"):
+    if name in ("triton", "triton_dard", "triton_lean"):
         if not HAS_TRITON:
             return "triton not importable"
         if device.type != "cuda" and not _INTERPRETED:
             return "CPU without TRITON_INTERPRET=1"
         if name == "triton":
             return lambda h, w, y: _SeqLogprobFunction.apply(h, w, y, -100, None)
+        if name == "triton_lean":  # the forward records the backward to run: LADA_KERNEL_BACKWARD=lean
+            def lean(h, w, y):
+                old = os.environ.get("LADA_KERNEL_BACKWARD")
+                os.environ["LADA_KERNEL_BACKWARD"] = "lean"
+                try:
+                    return _SeqLogprobFunction.apply(h, w, y, -100, None)
+                finally:
+                    os.environ.pop("LADA_KERNEL_BACKWARD") if old is None else os.environ.update(LADA_KERNEL_BACKWARD=old)
+            return lean
         return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100, None)[0]
     if name == "torch_ref":
         return seq_logprob_reference

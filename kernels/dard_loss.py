@@ -12,7 +12,8 @@ B..2B-1 the y⁻ paths of the same B samples.
 import torch
 import torch.nn.functional as F
 
-from .seq_logprob import _flatten_valid, kernel_backend, seq_logprob_reference, triton_token_bwd, triton_token_fwd
+from .seq_logprob import (_flatten_valid, kernel_backend, lean_backward, seq_logprob_reference, triton_token_bwd,
+                          triton_token_bwd_lean, triton_token_fwd)
 
 # -----------------------------------------------------------------------------
 # the loss on sequence log-probs (any path computing logps can use it)
@@ -81,7 +82,7 @@ class _DardLossFunction(torch.autograd.Function):
         coef_row = torch.cat([beta * g - alpha / (n * B), -beta * g])  # (2B,)
 
         ctx.save_for_backward(h2d, w, tok, row, lab, lse, coef_row)
-        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.hidden_shape, ctx.weight_dtype, ctx.lean = hidden.shape, weight.dtype, lean_backward()
         ctx.mark_non_differentiable(logps)
         return loss, logps
 
@@ -90,7 +91,7 @@ class _DardLossFunction(torch.autograd.Function):
         h2d, w, tok, row, lab, lse, coef_row = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         coef = (coef_row * grad_loss.float())[row]  # per token: ∂loss/∂logps[row(i)] · grad_output
-        gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
+        gh, gw = (triton_token_bwd_lean if ctx.lean else triton_token_bwd)(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
         gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
         return gh, gw, None, None, None, None, None, None, None

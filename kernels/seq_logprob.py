@@ -314,17 +314,19 @@ def _add_product(acc, a, b):
 DZ_FRACTION = 16  # the backward's (n, C) d_logits buffer holds at most V·d / 16 entries (1/16 of grad_weight)
 
 
-def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True, chunk_cols=None):
+def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True, chunk_cols=None,
+                     dz_fraction=DZ_FRACTION, gh=None):
     """Gradients (N, d) and (V, d) in h2d's dtype for per-token upstream gradients coef (n,); None
     where not needed. The vocabulary is walked in chunks of C columns (default: the largest multiple
     of BLOCK_V with n·C ≤ V·d / DZ_FRACTION): a Triton kernel recomputes the chunk's logits in fp32
     and writes its d_logits once in 16 bits; cuBLAS writes grad_weight[chunk] = d_logitsᵀ @ h (one
     product over all tokens, rounded once) and adds d_logits @ weight[chunk] into an fp32 (n, d)
     grad_hidden accumulator. Extra memory: the buffer and the accumulator (and, without
-    addmm(out_dtype=), one 16-bit (n, d) product)."""
+    addmm(out_dtype=), one 16-bit (n, d) product). `gh` given: the tokens' rows are written into it
+    (the lean backward's slices), the other rows left as they are."""
     N, (V, D), n = h2d.shape[0], weight.shape, tok.numel()
-    gh = gw = None
-    if need_dh:  # zeros only for the rows no chunk writes: masked tokens'
+    gw = None
+    if need_dh and gh is None:  # zeros only for the rows no chunk writes: masked tokens'
         gh = (torch.empty if n == N else torch.zeros)(h2d.shape, dtype=h2d.dtype, device=h2d.device)
     if need_dw:  # every row is written once a token counts
         gw = (torch.empty if n > 0 else torch.zeros)(weight.shape, dtype=weight.dtype, device=h2d.device)
@@ -333,7 +335,7 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
     cfg, _ = _launch_config(h2d)
     BT, BV = cfg["BLOCK_T"], cfg["BLOCK_V"]
     h = h2d if n == N else h2d[tok]  # (n, d) the unmasked tokens (tok is sorted and unique)
-    cols = chunk_cols or V * D // (DZ_FRACTION * n)
+    cols = chunk_cols or V * D // (dz_fraction * n)
     cols = min(max(BV, cols // BV * BV), triton.cdiv(V, BV) * BV)
     dz = torch.empty(n, cols, dtype=h2d.dtype, device=h2d.device)
     gh_acc = torch.zeros(n, D, dtype=torch.float32, device=h2d.device) if need_dh else None
@@ -352,7 +354,42 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
         gh.copy_(gh_acc)  # converts in place: no (n, d) temporary
     elif need_dh:
         gh.index_copy_(0, tok, gh_acc.to(gh.dtype))
+    return (gh if need_dh else None), gw
+
+
+LEAN_SLICES = 8  # the lean backward computes grad_hidden for n / LEAN_SLICES tokens at a time
+LEAN_DZ_FRACTION = 64  # and holds a d_logits buffer of V·d / 64 entries
+
+
+def triton_token_bwd_lean(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=True):
+    """`triton_token_bwd` in a quarter of its extra memory or less, for one more pass over the logits:
+    grad_weight in one sweep over vocabulary chunks (it needs no accumulator), then grad_hidden one
+    slice of n / LEAN_SLICES tokens at a time, each with its own sweep, so the fp32 accumulator holds
+    a slice's rows and never all n. The d_logits buffer is V·d / LEAN_DZ_FRACTION. Work: 10·N·V·d for
+    forward and backward, against the fast backward's 8 (the logits are recomputed once more for
+    grad_hidden). Every product still accumulates in fp32 and is rounded once: same error.
+    Selected by LADA_KERNEL_BACKWARD=lean (`lean_backward`)."""
+    N, n = h2d.shape[0], tok.numel()
+    gh = gw = None
+    if need_dw:
+        _, gw = triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=False, need_dw=True,
+                                 dz_fraction=LEAN_DZ_FRACTION)
+    if need_dh:
+        gh = torch.zeros(h2d.shape, dtype=h2d.dtype, device=h2d.device)  # masked tokens' rows stay 0
+        step = max(1, -(-n // LEAN_SLICES))
+        for i in range(0, n, step):
+            s = slice(i, i + step)
+            triton_token_bwd(h2d, weight, tok[s], lab[s], lse[s], coef[s], need_dh=True, need_dw=False,
+                             dz_fraction=LEAN_DZ_FRACTION, gh=gh)
     return gh, gw
+
+
+def lean_backward() -> bool:
+    """Whether LADA_KERNEL_BACKWARD selects the lean backward ('lean') over the fast one ('fast', default)."""
+    mode = os.environ.get("LADA_KERNEL_BACKWARD", "fast").strip().lower()
+    if mode not in ("fast", "lean"):
+        raise ValueError(f"LADA_KERNEL_BACKWARD={mode!r}: expected 'fast' or 'lean'")
+    return mode == "lean"
 
 
 class _SeqLogprobFunction(torch.autograd.Function):
@@ -363,7 +400,7 @@ class _SeqLogprobFunction(torch.autograd.Function):
         out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         out.index_add_(0, row, tok_logp)  # per-row sum of the (n,) per-token log-probs
         ctx.save_for_backward(h2d, w, tok, row, lab, lse)
-        ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
+        ctx.hidden_shape, ctx.weight_dtype, ctx.lean = hidden.shape, weight.dtype, lean_backward()
         return out
 
     @staticmethod
@@ -371,7 +408,7 @@ class _SeqLogprobFunction(torch.autograd.Function):
         h2d, w, tok, row, lab, lse = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         coef = grad_out.float()[row]  # c_i = grad_output[b(i)]
-        gh, gw = triton_token_bwd(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
+        gh, gw = (triton_token_bwd_lean if ctx.lean else triton_token_bwd)(h2d, w, tok, lab, lse, coef, need_dh, need_dw)
         gh = gh.view(ctx.hidden_shape) if need_dh else None
         gw = gw.to(ctx.weight_dtype) if need_dw else None
         return gh, gw, None, None, None

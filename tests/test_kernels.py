@@ -146,6 +146,56 @@ def test_token_indices_found_on_the_host_give_the_float64_result(case, backend, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", ["odd", "masked_row", "larger"])
+def test_lean_backward_matches_float64(case, dtype, device, monkeypatch):
+    """LADA_KERNEL_BACKWARD=lean (grad_weight in one vocabulary sweep, grad_hidden token slice by
+    token slice): log-probs, DARD loss and both gradients against float64, within the fast path's
+    tolerances; and it does run in slices."""
+    use_backend(monkeypatch, "triton", device)
+    monkeypatch.setenv("LADA_KERNEL_BACKWARD", "lean")
+    calls = []
+    real = seq_logprob_mod.triton_token_bwd
+    monkeypatch.setattr(seq_logprob_mod, "triton_token_bwd", lambda *a, **k: calls.append(k) or real(*a, **k))
+    B, T, V, d, mask = CASES[case]
+    hidden, weight, labels = make_inputs(2 * B, T, V, d, mask, dtype, device, seed=13)
+    n = int((labels != IGNORE).sum())
+    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE)
+    out.sum().backward()
+    dh, dw = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
+    tol_out, tol_grad = TOL[dtype]
+    assert_close(out, logprob_f64(hidden, weight, labels), tol_out)
+    assert_close(hidden.grad, dh, tol_grad)
+    assert_close(weight.grad, dw, tol_grad)
+    assert len(calls) == 1 + math.ceil(n / math.ceil(n / seq_logprob_mod.LEAN_SLICES))  # one dw sweep, then the slices
+    assert sum(not k["need_dw"] for k in calls) > 1
+
+    hidden.grad = weight.grad = None
+    ref, q = torch.full((2 * B,), -30.0, device=device), torch.linspace(0.1, 0.9, B, device=device)
+    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, 0.5, 0.3, ignore_index=IGNORE)
+    loss.backward()
+    dh, dw = grads_f64(lambda h, w: dard_f64(h, w, labels, ref, q, 0.5, 0.3)[0], hidden, weight)
+    assert_close(loss, dard_f64(hidden, weight, labels, ref, q, 0.5, 0.3)[0], (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 1e-3))
+    assert_close(hidden.grad, dh, tol_grad)
+    assert_close(weight.grad, dw, tol_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lean_backward_frozen_weight(device, monkeypatch):
+    use_backend(monkeypatch, "triton", device)
+    monkeypatch.setenv("LADA_KERNEL_BACKWARD", "lean")
+    hidden, weight, labels = make_inputs(2, 6, 90, 20, "prompt", torch.float32, device, seed=3)
+    weight.requires_grad_(False)
+    kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE).sum().backward()
+    dh, _ = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
+    assert weight.grad is None
+    assert_close(hidden.grad, dh, TOL[torch.float32][1])
+    monkeypatch.setenv("LADA_KERNEL_BACKWARD", "slow")
+    with pytest.raises(ValueError, match="LADA_KERNEL_BACKWARD"):
+        kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_seq_logprob_triton_frozen_weight_one_split(device, monkeypatch):
     """weight.requires_grad=False skips the weight gradient; num_splits=1 is the unsplit forward."""
     use_backend(monkeypatch, "triton", device)

@@ -8,7 +8,8 @@
 # 3. the default run, cold (fp32 + TF32); its log gives the per-phase table (warm-ups here, `phases` of each
 #    round in log.jsonl);
 # 4. the default run again with what the cold run cached (the rounds, if the cold run's time ran out in them);
-# 5. the kernel bench at the 8B head, then the frozen head (weight without gradient) at the 7B head.
+# 5. the kernel bench at the 8B head (the lean backward, LADA_KERNEL_BACKWARD=lean, among its providers), then the
+#    frozen head (weight without gradient) at the 7B head.
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
 left() { echo $(( DEADLINE - $(date +%s) )); }
 mkdir -p /tmp/runs
@@ -29,6 +30,6 @@ step profile 60 python3 results/gpu/diagnose.py --parties llm --modes fp32-auto,
 step cold 270 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
 step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
 step bench 85 sh -c 'python3 -m kernels.bench --shapes 8b --out /tmp/runs/bench_8b.csv;
-  python3 -m kernels.bench --shapes 7b --frozen --providers triton,triton_dard,eager --out /tmp/runs/bench_7b_frozen.csv'
+  python3 -m kernels.bench --shapes 7b --frozen --providers triton,triton_lean,eager --out /tmp/runs/bench_7b_frozen.csv'
 (cd /tmp/runs && tar czf $OUT/data.tar.gz $(ls -d env.txt *.csv */results.json */log.jsonl 2>/dev/null))  # $OUT: 6 logs, driver.log (env.txt is in it too), this: 8 files
 echo "total $(( $(date +%s) - T0 )) s"
