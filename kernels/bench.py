@@ -34,6 +34,7 @@ import importlib
 import os
 import subprocess
 import time
+from unittest import mock
 
 import torch
 
@@ -72,12 +73,8 @@ def make_provider(name, device, dard):
             return lambda h, w, y: _SeqLogprobFunction.apply(h, w, y, -100, None)
         if name == "triton_lean":  # the forward records the backward to run: LADA_KERNEL_BACKWARD=lean
             def lean(h, w, y):
-                old = os.environ.get("LADA_KERNEL_BACKWARD")
-                os.environ["LADA_KERNEL_BACKWARD"] = "lean"
-                try:
+                with mock.patch.dict(os.environ, LADA_KERNEL_BACKWARD="lean"):
                     return _SeqLogprobFunction.apply(h, w, y, -100, None)
-                finally:
-                    os.environ.pop("LADA_KERNEL_BACKWARD") if old is None else os.environ.update(LADA_KERNEL_BACKWARD=old)
             return lean
         return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100, None)[0]
     if name == "torch_ref":

@@ -59,6 +59,11 @@ def kept_tokens(labels, ignore_index=-100):
     return (labels != ignore_index).reshape(-1).nonzero().squeeze(1)
 
 
+def _kept(labels, ignore_index, tok):
+    """The caller's `tok` on labels' device, or `kept_tokens` found here: what both paths index by."""
+    return kept_tokens(labels, ignore_index) if tok is None else tok.to(labels.device)
+
+
 def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_tokens=None, tok=None):
     """Same contract as `seq_logprob`, in plain torch.
 
@@ -70,7 +75,7 @@ def seq_logprob_reference(hidden, weight, labels, ignore_index=-100, chunk_token
     B, T, d = hidden.shape
     ctype = torch.promote_types(hidden.dtype, torch.float32)
     chunk_tokens = chunk_tokens or max(1, 2**26 // weight.shape[0])
-    tok = kept_tokens(labels, ignore_index) if tok is None else tok  # flat b*T + t of kept tokens
+    tok = _kept(labels, ignore_index, tok)  # flat b*T + t of kept tokens
     h = hidden.reshape(-1, d)[tok]  # (n, d)
     lab = labels.reshape(-1)[tok]
     w = weight.to(ctype)  # one upcast copy, shared by the chunks
@@ -255,7 +260,7 @@ def _flatten_valid(hidden, weight, labels, ignore_index, tok=None):
     h2d = h2d if h2d.stride(1) == 1 else h2d.contiguous()
     w = weight.to(hidden.dtype)  # e.g. fp32 master weights with bf16 activations, as autocast does
     w = w if w.stride(1) == 1 else w.contiguous()
-    tok = kept_tokens(labels, ignore_index) if tok is None else tok.to(labels.device)
+    tok = _kept(labels, ignore_index, tok)
     lab = labels.reshape(-1)[tok].long().contiguous()
     return h2d, w, tok, tok // T, lab
 
@@ -354,7 +359,7 @@ def triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=True, need_dw=Tru
         gh.copy_(gh_acc)  # converts in place: no (n, d) temporary
     elif need_dh:
         gh.index_copy_(0, tok, gh_acc.to(gh.dtype))
-    return (gh if need_dh else None), gw
+    return gh, gw
 
 
 LEAN_SLICES = 8  # the lean backward computes grad_hidden for n / LEAN_SLICES tokens at a time
@@ -369,7 +374,7 @@ def triton_token_bwd_lean(h2d, weight, tok, lab, lse, coef, need_dh=True, need_d
     forward and backward, against the fast backward's 8 (the logits are recomputed once more for
     grad_hidden). Every product still accumulates in fp32 and is rounded once: same error.
     Selected by LADA_KERNEL_BACKWARD=lean (`lean_backward`)."""
-    N, n = h2d.shape[0], tok.numel()
+    n = tok.numel()
     gh = gw = None
     if need_dw:
         _, gw = triton_token_bwd(h2d, weight, tok, lab, lse, coef, need_dh=False, need_dw=True,

@@ -115,6 +115,31 @@ def hand_kept(labels):
     return [b * T + t for b in range(B) for t in range(T) if labels[b, t].item() != IGNORE]
 
 
+def check_seq_logprob_f64(hidden, weight, labels, dtype, **kw):
+    """kernels.seq_logprob(**kw) and its gradients against float64, at TOL[dtype]."""
+    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE, **kw)
+    out.sum().backward()
+    dh, dw = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
+    assert_close(out, logprob_f64(hidden, weight, labels), TOL[dtype][0])
+    assert_close(hidden.grad, dh, TOL[dtype][1])
+    assert_close(weight.grad, dw, TOL[dtype][1])
+    hidden.grad = weight.grad = None
+
+
+def check_dard_f64(hidden, weight, labels, dtype, **kw):
+    """kernels.dard_loss_fused(**kw) on rows [B y⁺, B y⁻]: its log-probs, loss and gradients against float64."""
+    B, device = hidden.shape[0] // 2, hidden.device
+    ref, q = torch.full((2 * B,), -30.0, device=device), torch.linspace(0.1, 0.9, B, device=device)
+    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, 0.5, 0.3, ignore_index=IGNORE, **kw)
+    loss.backward()
+    expected, expected_logps = dard_f64(hidden, weight, labels, ref, q, 0.5, 0.3)
+    dh, dw = grads_f64(lambda h, w: dard_f64(h, w, labels, ref, q, 0.5, 0.3)[0], hidden, weight)
+    assert_close(logps, expected_logps, TOL[dtype][0])
+    assert_close(loss, expected, (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 1e-3))
+    assert_close(hidden.grad, dh, TOL[dtype][1])
+    assert_close(weight.grad, dw, TOL[dtype][1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["odd", "masked_row"])
@@ -126,23 +151,8 @@ def test_token_indices_found_on_the_host_give_the_float64_result(case, backend, 
     hidden, weight, labels = make_inputs(2 * B, T, V, d, mask, torch.float32, device, seed=11)
     tok = torch.tensor(hand_kept(labels.cpu()))  # on the host, as collate ships it
     assert kernels.kept_tokens(labels.cpu(), IGNORE).tolist() == tok.tolist()
-    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE, tok=tok)
-    out.sum().backward()
-    dh, dw = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
-    assert_close(out, logprob_f64(hidden, weight, labels), TOL[torch.float32][0])
-    assert_close(hidden.grad, dh, TOL[torch.float32][1])
-    assert_close(weight.grad, dw, TOL[torch.float32][1])
-
-    hidden.grad = weight.grad = None
-    ref, q = torch.full((2 * B,), -30.0, device=device), torch.linspace(0.1, 0.9, B, device=device)
-    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, 0.5, 0.3, ignore_index=IGNORE, tok=tok)
-    loss.backward()
-    expected, expected_logps = dard_f64(hidden, weight, labels, ref, q, 0.5, 0.3)
-    dh, dw = grads_f64(lambda h, w: dard_f64(h, w, labels, ref, q, 0.5, 0.3)[0], hidden, weight)
-    assert_close(logps, expected_logps, TOL[torch.float32][0])
-    assert_close(loss, expected, (1e-5, 1e-5))
-    assert_close(hidden.grad, dh, TOL[torch.float32][1])
-    assert_close(weight.grad, dw, TOL[torch.float32][1])
+    check_seq_logprob_f64(hidden, weight, labels, torch.float32, tok=tok)
+    check_dard_f64(hidden, weight, labels, torch.float32, tok=tok)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -160,24 +170,10 @@ def test_lean_backward_matches_float64(case, dtype, device, monkeypatch):
     B, T, V, d, mask = CASES[case]
     hidden, weight, labels = make_inputs(2 * B, T, V, d, mask, dtype, device, seed=13)
     n = int((labels != IGNORE).sum())
-    out = kernels.seq_logprob(hidden, weight, labels, ignore_index=IGNORE)
-    out.sum().backward()
-    dh, dw = grads_f64(lambda h, w: logprob_f64(h, w, labels).sum(), hidden, weight)
-    tol_out, tol_grad = TOL[dtype]
-    assert_close(out, logprob_f64(hidden, weight, labels), tol_out)
-    assert_close(hidden.grad, dh, tol_grad)
-    assert_close(weight.grad, dw, tol_grad)
+    check_seq_logprob_f64(hidden, weight, labels, dtype)
     assert len(calls) == 1 + math.ceil(n / math.ceil(n / seq_logprob_mod.LEAN_SLICES))  # one dw sweep, then the slices
     assert sum(not k["need_dw"] for k in calls) > 1
-
-    hidden.grad = weight.grad = None
-    ref, q = torch.full((2 * B,), -30.0, device=device), torch.linspace(0.1, 0.9, B, device=device)
-    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, 0.5, 0.3, ignore_index=IGNORE)
-    loss.backward()
-    dh, dw = grads_f64(lambda h, w: dard_f64(h, w, labels, ref, q, 0.5, 0.3)[0], hidden, weight)
-    assert_close(loss, dard_f64(hidden, weight, labels, ref, q, 0.5, 0.3)[0], (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 1e-3))
-    assert_close(hidden.grad, dh, tol_grad)
-    assert_close(weight.grad, dw, tol_grad)
+    check_dard_f64(hidden, weight, labels, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
