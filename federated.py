@@ -114,11 +114,11 @@ def resolve_config(args) -> dict:
         raise ValueError(f"--eval_split must be test or val, got {cfg['eval_split']!r}")
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
+    cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
+    check_config(cfg)  # ranges first: a --lora -1 is wrong with or without peft
     if cfg["lora"]:  # one line now, not a traceback once the models are loaded
         from lora import require_peft
         require_peft()
-    cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
-    check_config(cfg)
     return cfg
 
 

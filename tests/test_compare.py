@@ -154,9 +154,9 @@ def test_a_run_from_other_warm_ups_supersedes_the_runs_beside_it(tmp_path, monke
 
 
 def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
-    import pytest
+    from optional import need
 
-    pytest.importorskip("matplotlib")
+    need("matplotlib")
     res = tmp_path / "results" / compare.PRESET
     for scen in ("hetero", "homo", "followup"):
         for m, k in (("local", 5), ("lada", 9)):

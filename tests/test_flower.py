@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("flwr", reason="flwr is not installed (pip install -r requirements-flower.txt)")
+from optional import need  # noqa: E402
+
+need("flwr")
 
 import federated  # noqa: E402
 import protocol  # noqa: E402

@@ -17,7 +17,9 @@ import lora
 import memory
 import models
 
-pytest.importorskip("peft")  # requirements-lora.txt (CI installs it)
+from optional import need  # noqa: E402
+
+need("peft")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 FAST = ["--smoke", "--pool_size", "4", "--n_val", "1", "--n_test", "2", "--max_new_tokens", "8", "--local_steps", "1"]

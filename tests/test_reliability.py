@@ -641,3 +641,19 @@ def test_processes_sharing_a_cache_warm_each_party_up_once(tmp_path):
     slm_warmer = 0 if built[0]["slm1"][0] is False else 1
     text = logs[slm_warmer].read_text()
     assert text.index("warm-up slm1") < text.index(waiting)  # it took the SLM while the LLM was held
+
+
+@pytest.mark.parametrize("peft_installed", [False, True])
+def test_lora_range_is_checked_before_peft_is_looked_for(peft_installed, monkeypatch, capfd):
+    """A --lora -1 is wrong with or without peft, so it is refused as out of range either way; a valid
+    --lora without peft asks for requirements-lora.txt. peft's absence is made here (a None entry in
+    sys.modules makes `import peft` fail), its presence faked by a stand-in module, so this test means
+    the same whatever is installed."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "peft", types.ModuleType("peft") if peft_installed else None)
+    ok, why = one_line_exit_2(federated.main, ["--smoke", "--lora=-1"], "--lora must be an integer >= 0, got -1", capfd)
+    assert ok, why
+    if not peft_installed:
+        ok, why = one_line_exit_2(federated.main, ["--smoke", "--lora", "4"], "--lora needs peft", capfd)
+        assert ok, why
