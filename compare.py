@@ -8,6 +8,8 @@
     python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
     python compare.py --jobs 16               # any of the above in 16 processes that share the runs (one per core)
     python compare.py --preset smoke --force --seeds 0   # the whole pipeline in minutes (results in runs/compare-smoke)
+    python compare.py --v2-tune --jobs 2      # LaDa v2 (docs/study-v2.md): gamma on hetero seed 0's validation sets
+    python compare.py --v2 --jobs 2           # then v2's test runs: hetero, fresh seeds 6-8, at the chosen gamma
 
 Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
 data, the warm-ups and the rounds. Its results.json is copied to
@@ -50,6 +52,15 @@ SEEDS = [0, 1, 2]
 # the follow-up (README "Follow-up: DARD's learning rate", pre-registered before its first run)
 TUNE_METHODS, TUNE_SCALES, LOCAL_SCALES = ("fedmkt", "lada-filter", "lada"), (1.0, 0.3, 0.1), (1.0, 0.3, 0.1)
 FOLLOWUP_METHODS, FOLLOWUP_SEEDS = ("local", "fedmkt", "lada", "random", "lada-filter"), (3, 4, 5)
+# The v1 study's files (every folder but v2/) keep v1's labels in their names and configs: lada, lada-filter and
+# lada-loss there are what federated.py now calls lada-v1, lada-v1-filter and lada-v1-loss (`run_one` maps them).
+V1 = {"lada": "lada-v1", "lada-filter": "lada-v1-filter", "lada-loss": "lada-v1-loss"}
+# LaDa v2 (spec §4'; docs/study-v2.md, pre-registered before its first run): gamma on hetero seed 0's validation
+# sets, then fresh test seeds; every arm at the v1 follow-up's validated rates (local x0.3, the host's distillation x1)
+V2_GAMMAS, V2_SEEDS = (0.1, 0.3, 1.0), (6, 7, 8)
+V2_METHODS = ("local", "fedmkt", "lada", "lada-random", "lada-sft")  # lada before lada-random (its counts)
+V2_FLAGS = ["--local_lr_scale", "0.3", "--distill_lr_scale", "1.0"]
+STUDY_V2 = ROOT / "docs" / "study-v2.md"
 
 
 # -----------------------------------------------------------------------------
@@ -66,6 +77,8 @@ def show(path: Path) -> str:
 def run_one(scenario, method, seed, extra, dest: Path, workdir: Path):
     """federated.py once (resuming its own directory if it was cut), results.json copied to dest atomically."""
     out = workdir / dest.relative_to(res_root()).with_suffix("")
+    if not dest.is_relative_to(res_root() / "v2"):  # the v1 study's labels (V1)
+        method = V1.get(method, method)
     args = ["--preset", PRESET, "--scenario", scenario, "--method", method, "--seed", str(seed), "--out", str(out),
             "--cache", str(workdir / "cache")] + extra + (["--resume"] if (out / "ckpt").exists() else [])
     t0 = time.time()
@@ -175,10 +188,11 @@ def grid_runs(scenarios, methods, seeds, scenario_lada_loss=False):
 
 
 def best_scale(res_dir: Path, name: str, scales) -> float | None:
-    """The scale x whose tuning run `name.format(x=x)` has the highest SLM mean on the validation sets;
-    a tie goes to the larger scale, the nearer to the registered setting (means rounded: equal counts can
-    differ in the float's last bit). None while a run is missing."""
-    got = {x: runs_of(res_dir, "tune", name.format(x=x)).get(0) for x in scales}
+    """The scale x whose tuning run `name.format(x=x)` (under tune/, or a path of folders) has the highest
+    SLM mean on the validation sets; a tie goes to the larger scale, the nearer to the registered setting
+    (means rounded: equal counts can differ in the float's last bit). None while a run is missing."""
+    sub, name = ("tune", name) if "/" not in name else name.rsplit("/", 1)
+    got = {x: runs_of(res_dir, sub, name.format(x=x)).get(0) for x in scales}
     if any(r is None for r in got.values()):
         return None
     return max(scales, key=lambda x: (round(slm_accuracy(got[x]), 9), x))
@@ -228,6 +242,31 @@ def followup_runs(scales: dict):
             if m == "random":
                 extra += ["--counts_from", str(res / f"lada-s{seed}.json")]
             yield "hetero", m, seed, extra, res / f"{m}-s{seed}.json"
+
+
+def v2_tune_runs():
+    """v2's gamma on hetero seed 0's validation sets: lada at each gamma of V2_GAMMAS."""
+    res = res_root() / "v2" / "tune"
+    for g in V2_GAMMAS:
+        yield "hetero", "lada", 0, ["--eval_split", "val"] + V2_FLAGS + ["--gamma", str(g)], res / f"lada-g{g}-s0.json"
+
+
+def v2_gamma(res_dir: Path) -> float | None:
+    """The gamma whose tuning run has the highest SLM mean on the validation sets (a tie to the larger
+    gamma, the nearer to the default 1); None while a tuning run is missing."""
+    return best_scale(res_dir, "v2/tune/lada-g{x}", V2_GAMMAS)
+
+
+def v2_runs(gamma: float, scenarios=("hetero",)):
+    """v2's test runs on the fresh seeds at the chosen gamma; lada-random after lada (its counts)."""
+    for scen in scenarios:
+        res = res_root() / "v2" / scen
+        for seed in V2_SEEDS:
+            for m in V2_METHODS:
+                extra = V2_FLAGS + (["--gamma", str(gamma)] if m.startswith("lada") else [])
+                if m == "lada-random":
+                    extra += ["--counts_from", str(res / f"lada-s{seed}.json")]
+                yield scen, m, seed, extra, res / f"{m}-s{seed}.json"
 
 
 def headroom_runs(seeds):
@@ -526,6 +565,84 @@ def tables(res_dir: Path) -> str:
     return "\n".join(md)
 
 
+def v2_tables(res_dir: Path) -> str:
+    """v2's tables (docs/study-v2.md): gamma on validation, the chosen gamma, the test runs, V1-V4."""
+    md = []
+    tune = {f"lada, gamma {g}": runs_of(res_dir, "v2/tune", f"lada-g{g}") for g in V2_GAMMAS}
+    tune = {k: v for k, v in tune.items() if v}
+    if tune:
+        md += table(tune, "v2: gamma on hetero seed 0's validation sets (local ×0.3, distillation ×1.0)")
+        g = v2_gamma(res_dir)
+        md += ["", f"Chosen gamma (highest SLM mean on validation, ties to the larger): "
+                   f"{g if g is not None else 'not yet (tuning runs missing)'}."]
+    for scen in federated.SCENARIOS:
+        runs = {m: runs_of(res_dir, f"v2/{scen}", m) for m in V2_METHODS}
+        runs = {m: r for m, r in runs.items() if r}
+        if runs:
+            md += table(runs, f"v2, {scen}: fresh seeds {', '.join(map(str, V2_SEEDS))}, test sets")
+            md += v2_diagnostics(runs)
+            md += v2_hypotheses(runs, scen)
+    return "\n".join(md)
+
+
+def v2_diagnostics(runs) -> list[str]:
+    """Per method, summed over seeds, rounds and students: pairs by kind, and the mean Δ log p per token of
+    y+ and y- against pi_ref (spec §4'), with the rounds where y+ fell below pi_ref."""
+    md = ["", "| method | |H_k| | |A_k| | contrast | imitation | dropped | Δ log p/token y+ | Δ y- | y+ below π_ref |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for m, rs in runs.items():
+        tot, dpos, dneg, below = {k: 0 for k in ("H", "A", "contrast", "imitation", "dropped")}, [], [], 0
+        for r in rs.values():
+            for x in r["rounds"]:
+                for key, d in x.get("plugin", {}).items():
+                    for k in tot:
+                        tot[k] += d.get(k, 0)
+                    if d.get("dlogp_pos") is not None:
+                        dpos.append(d["dlogp_pos"])
+                        below += d["dlogp_pos"] < 0
+                    if d.get("dlogp_neg") is not None:
+                        dneg.append(d["dlogp_neg"])
+        if dpos or tot["H"]:
+            f = lambda xs: f"{np.mean(xs):+.4f}" if xs else "–"  # noqa: E731
+            md.append(f"| {m} | " + " | ".join(str(tot[k]) for k in tot) + f" | {f(dpos)} | {f(dneg)} | {below} |")
+    return md if len(md) > 3 else []
+
+
+def v2_hypotheses(runs, scen) -> list[str]:
+    """V1-V4 of docs/study-v2.md: paired differences with 95% intervals and the registered verdicts."""
+    got = {m: runs.get(m, {}) for m in V2_METHODS}
+    if not got["lada"]:
+        return []
+    rows = []
+    for tag, base, who, sel in (("V1", "fedmkt", "SLM mean", SLM), ("V2a", "fedmkt", "LLM, private-only domain", LLM_PRIVATE),
+                                ("V3", "lada-random", "SLM mean (same counts)", SLM), ("V4", "lada-sft", "SLM mean (same picks)", SLM)):
+        ci = paired(got["lada"], got[base], sel) if got[base] else None
+        rows.append((tag, f"lada − {base}, {who}", ci, verdict(ci)))
+    ci = paired(got["lada"], got["fedmkt"], LLM) if got["fedmkt"] else None  # non-inferiority, margin -2 points
+    v = "not run" if ci is None else "supported" if ci[1] > -2 else "contradicted" if ci[2] < -2 else "not decided"
+    rows.insert(2, ("V2b", "lada − fedmkt, LLM, public test (non-inferiority: margin −2)", ci, v))
+    md = ["", f"**V1–V4, {scen}** (paired difference of final accuracy in points, 95% bootstrap interval over seeds "
+              "and test problems; registered in docs/study-v2.md)", "",
+          "| | difference | estimate [95% CI] | seeds | verdict |", "|---|---|---|---|---|"]
+    md += [f"| {h} | {what} | {fmt_ci(ci)} | {ci[3] if ci else 0} | "
+           f"{v if ci is None or ci[3] >= len(V2_SEEDS) else f'{v} (interim: {ci[3]} of {len(V2_SEEDS)} seeds)'} |"
+           for h, what, ci, v in rows]
+    return md
+
+
+def write_v2_tables(res_dir: Path, md: str):
+    """v2's tables into results/<preset>/v2/tables.md and between docs/study-v2.md's markers."""
+    if not md:
+        return
+    (res_dir / "v2").mkdir(parents=True, exist_ok=True)
+    (res_dir / "v2" / "tables.md").write_text(md + "\n")
+    begin, end = "<!-- tables:v2:begin -->", "<!-- tables:v2:end -->"
+    text = STUDY_V2.read_text() if STUDY_V2.exists() else ""
+    if RESULTS is None and begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        STUDY_V2.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+
+
 def plot(res_dir: Path, scenario="hetero"):
     """SLM mean and LLM accuracy per round, mean over seeds (rounds before the last on the first
     eval_subset problems)."""
@@ -630,7 +747,9 @@ def start_jobs(args, n: int) -> list:
     cmd = [sys.executable, str(ROOT / "compare.py"), "--worker", "--seeds", args.seeds, "--scenarios", args.scenarios,
            "--methods", args.methods, "--workdir", args.workdir, "--preset", args.preset]
     cmd += ["--results", args.results] if args.results else []
-    cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force", "scenario_lada_loss") if getattr(args, f)]
+    cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force", "scenario_lada_loss", "v2") if getattr(args, f)]
+    cmd += ["--v2-tune"] if args.v2_tune else []
+    cmd += ["--v2-scenarios", args.v2_scenarios] if args.v2 else []
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -654,6 +773,10 @@ def main(argv=None):
     p.add_argument("--status", action="store_true", help="only show what is done, running and to do, and the hours left")
     p.add_argument("--tune", action="store_true", help="run only the follow-up's tuning (F0, validation sets)")
     p.add_argument("--followup", action="store_true", help="run only the follow-up (F1-F4, seeds 3-5), after --tune")
+    p.add_argument("--v2-tune", dest="v2_tune", action="store_true",
+                   help="run only v2's gamma choice (lada at each gamma, hetero seed 0, validation sets)")
+    p.add_argument("--v2", action="store_true", help="run only v2's test runs (fresh seeds 6-8), after --v2-tune")
+    p.add_argument("--v2-scenarios", dest="v2_scenarios", default="hetero", help="scenarios of --v2 (hetero, then homo)")
     p.add_argument("--force", action="store_true", help="run the grid even if the headroom check failed")
     p.add_argument("--scenario_lada_loss", action="store_true",
                    help="also run lada-loss in the four scenarios, after everything else (about two hours a run)")
@@ -686,7 +809,15 @@ def main(argv=None):
         print("\n".join(status(res_dir, workdir, seeds, args.scenarios.split(","), args.methods.split(","))))
         return 0
     make_todo = None
-    if args.tune or args.followup:
+    if args.v2_tune or args.v2:
+        gamma = v2_gamma(res_dir)
+        if args.v2 and gamma is None:
+            print("compare.py: v2's gamma is not chosen yet (run --v2-tune first: gamma is chosen on validation sets "
+                  "before any v2 test set is read)", file=sys.stderr)
+            return 2
+        make_todo = ((lambda: v2_tune_runs()) if args.v2_tune else
+                     (lambda: v2_runs(gamma, tuple(args.v2_scenarios.split(",")))))
+    elif args.tune or args.followup:
         scales = tuned_scales(res_dir)
         if args.followup and scales is None:
             print("compare.py: the follow-up's tuning is not finished (run --tune first: the learning rates are "
@@ -714,6 +845,7 @@ def main(argv=None):
             return 1
         if args.worker:
             return 0
+    write_v2_tables(res_dir, v2_tables(res_dir))
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data import format_prompt
-from kernels import dard_loss_fused, head_is_plain_linear, kept_tokens, seq_logprob
+from kernels import (dard_loss_fused, head_is_plain_linear, kept_tokens, mask_imitation_rows,
+                     seq_logprob)
 from models import crash_point, hidden_and_head, to_device
 
 IGNORE = -100
@@ -30,6 +31,8 @@ def encode(tokenizer, questions, paths) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, path ids + EOS) per row. Prompt and path are tokenized apart (no merges across
     the boundary), in one batched tokenizer call each; EOS ends every path (spec §1), so a model
     trained here stops generating by itself."""
+    if not questions:  # a tokenizer refuses an empty batch
+        return []
     prompts = tokenizer([format_prompt(q) for q in questions], add_special_tokens=False).input_ids
     answers = tokenizer(list(paths), add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
@@ -196,6 +199,32 @@ def dard_loss(pi_pos, pi_neg, ref_pos, ref_neg, q, beta, alpha, n_pos):
     diag = dict(h=h.detach(), reward_pos=(beta * (pi_pos - ref_pos)).detach(),
                 reward_neg=(beta * (pi_neg - ref_neg)).detach(), l_dard=l_dard.detach(), l_nll=l_nll.detach())
     return l_dard + l_nll, diag
+
+
+def dard_v2_pair(correct_pos: bool, correct_neg: bool) -> str:
+    """Spec §4': what DARD v2 does with a pair (y+ the sent path, y- the student's own): "contrast"
+    (y+ correct, y- wrong: contrast and imitation), "imitation" (both correct: imitation only) or
+    "dropped" (y+ wrong: nothing to learn from it)."""
+    if not correct_pos:
+        return "dropped"
+    return "imitation" if correct_neg else "contrast"
+
+
+def dard_v2_loss(pi_pos, pi_neg, ref_pos, ref_neg, w, beta, eps, alpha, n_pos):
+    """Per-example DARD v2 loss of spec §4' on per-sequence log-probs (the pairs it keeps: y+ correct).
+
+    pi_pos, pi_neg, ref_pos, ref_neg: (B,) summed log-probs under pi_theta and pi_ref
+    w: (B,) 1 for a contrast pair (y- wrong), 0 for imitation only (y- correct; pi_neg, ref_neg unread)
+    beta, eps, alpha: floats (target 1 - eps: conservative DPO, a finite optimum at sigma(h) = 1 - eps)
+    n_pos: (B,) token count of y+. Returns (losses (B,), diagnostics dict of detached (B,) tensors).
+    L = -w [(1-eps) log sigma(h) + eps log sigma(-h)] + alpha NLL(y+)/|y+|
+    """
+    w = w.to(pi_pos.dtype)
+    neg = torch.where(w > 0, pi_neg - ref_neg, torch.zeros_like(pi_neg))
+    h = beta * ((pi_pos - ref_pos) - neg)  # spec §4: h_theta
+    l_con = -w * ((1 - eps) * F.logsigmoid(h) + eps * F.logsigmoid(-h))  # spec §4': the bounded contrast
+    l_nll = alpha * (-pi_pos / n_pos.clamp_min(1))  # spec §4': alpha * NLL(y+)/|y+|
+    return l_con + l_nll, dict(h=h.detach(), l_contrast=l_con.detach(), l_nll=l_nll.detach())
 
 
 def sft_loss(model, enc) -> torch.Tensor:
@@ -389,3 +418,114 @@ def distill(model, tokenizer, opt, samples, local_data, loss: str, cfg: dict, rn
     model.eval()
     return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(samples),
                 too_long=n_in - len(samples))
+
+
+def collate_pairs(pos, neg, w, pad_id, device=None) -> dict:
+    """A batch of pairs in Liger's layout (rows 0..B-1 the y+ rows, B..2B-1 the y- rows) whose y- rows of
+    imitation-only pairs (w = 0) are masked out on the host, so the head skips them (spec §4')."""
+    enc = collate(pos + neg, pad_id)
+    if not all(w):
+        labels = mask_imitation_rows(enc["labels"], torch.tensor(w), IGNORE)
+        enc.update(labels=labels, n_tokens=(labels != IGNORE).sum(1), tok=kept_tokens(labels, IGNORE))
+    return {k: to_device(v, device) for k, v in enc.items()}
+
+
+def distill_plugin(model, tokenizer, opt, host, pairs, local_data, plug_loss: str, cfg: dict, rng: random.Random,
+                   device="cpu") -> dict:
+    """LaDa v2 as a plug-in to its host (spec §4'): one optimizer at the host's distillation rate, whose
+    every step is  L = L_host(a batch of H_k) + gamma * L_plug(a batch of A_k) + lam * L_local.
+
+    host:  the host's allocation H_k, dicts with question, y_pos (SFT on the sent path, as `fedmkt`)
+    pairs: the plug-in's picks A_k (a subset of H_k), dicts with question, y_pos, y_neg, correct_pos,
+           correct_neg; a pair with a wrong y+ is dropped, one with a correct y- is imitation only
+    plug_loss: 'dard2' (DARD v2: bounded contrast + alpha * NLL(y+)) or 'sft' (lada-sft: alpha * NLL(y+)
+           alone, DARD v2 without its contrast, on the same pairs at the same gamma)
+    The host sets the schedule (cfg['distill_epochs'] passes over H_k in batches of distill_batch); the
+    kept pairs are drawn from an endless shuffled stream, one batch a step.
+    Returns the mean loss terms, steps, and "plugin": pair counts by kind, "trained" (indices into
+    `pairs` of the kept pairs that fit max_len: their rewards update the filter) and the mean change of
+    log p per token against pi_ref (the model as this call starts) of the trained y+ and of the y- of
+    contrast pairs, over the trained pairs ("dlogp_pos", "dlogp_neg"; None without such pairs).
+    """
+    if plug_loss not in ("dard2", "sft"):
+        raise ValueError(f"unknown plug-in loss '{plug_loss}'")
+    beta, eps, alpha, gamma, lam, bs = cfg["beta"], cfg["eps"], cfg["alpha"], cfg["gamma"], cfg["lam"], cfg["distill_batch"]
+    max_len, pad = cfg.get("max_len"), tokenizer.pad_token_id
+    fits = lambda rows: [max_len is None or len(p) + len(a) <= max_len for p, a in rows]  # noqa: E731
+    kinds = [dard_v2_pair(p["correct_pos"], p["correct_neg"]) for p in pairs]
+    diag = {k: kinds.count(k) for k in ("contrast", "imitation", "dropped")}
+    h_rows = encode(tokenizer, [s["question"] for s in host], [s["y_pos"] for s in host])
+    h_rows = [r for r, f in zip(h_rows, fits(h_rows)) if f]  # never cut a path: too long is left out
+    keep = [i for i, k in enumerate(kinds) if k != "dropped"]
+    qs = [pairs[i]["question"] for i in keep]
+    pos = encode(tokenizer, qs, [pairs[i]["y_pos"] for i in keep])
+    neg = encode(tokenizer, qs, [pairs[i]["y_neg"] for i in keep])
+    ok = [a and b for a, b in zip(fits(pos), fits(neg))]
+    keep, pos, neg = ([x for x, o in zip(xs, ok) if o] for xs in (keep, pos, neg))
+    w = [int(kinds[i] == "contrast") for i in keep]  # spec §4': contrast only where y- is wrong
+    diag.update(trained=keep, too_long=len(host) - len(h_rows) + sum(not o for o in ok), dlogp_pos=None, dlogp_neg=None)
+    if not h_rows:
+        return dict(steps=0, plugin=dict(diag, trained=[]))
+    # pi_ref: the student as this distillation starts; y- rows only where a contrast reads them
+    ref_pos, n_pos = score_rows(model, pos, pad, 2 * bs, device)
+    con = [j for j in range(len(keep)) if w[j]]
+    ref_neg, n_neg = torch.zeros(len(keep)), torch.ones(len(keep), dtype=torch.long)
+    if con:
+        r, n = score_rows(model, [neg[j] for j in con], pad, 2 * bs, device)
+        ref_neg[con], n_neg[con] = r, n
+    local = as_tokenized(local_data, tokenizer, max_len) if lam > 0 else None
+    local_batches = local.batches(bs, rng) if local is not None and len(local) else None
+    plug_batches = _endless(len(keep), bs, rng) if keep else None
+    model.train()
+    order, totals, steps = list(range(len(h_rows))), {}, 0
+    with lr_scaled(opt, cfg.get("distill_lr_scale", 1.0)):  # the host's distillation rate
+        for _ in range(cfg["distill_epochs"]):
+            rng.shuffle(order)
+            for i in range(0, len(order), bs):
+                l_host = sft_loss(model, collate([h_rows[j] for j in order[i:i + bs]], pad, device))
+                l_plug = torch.zeros((), device=l_host.device)
+                if plug_batches is not None:
+                    idx = next(plug_batches)
+                    if plug_loss == "sft":  # gamma * alpha * NLL(y+)/|y+| on the (all correct) y+ of A_k
+                        l_plug = alpha * sft_loss(model, collate([pos[j] for j in idx], pad, device))
+                    else:
+                        l_plug = _dard_v2_batch(model, [pos[j] for j in idx], [neg[j] for j in idx], [w[j] for j in idx],
+                                                torch.cat([ref_pos[idx], ref_neg[idx]]), beta, eps, alpha, pad, device)
+                l_local = local_batch_loss(model, local, local_batches, device) if local_batches else torch.zeros(())
+                total = l_host + gamma * l_plug + lam * l_local  # spec §4': L_host + gamma L_DARDv2 + lam L_local
+                optimizer_step(model, opt, total)
+                steps += 1
+                for k, v in (("loss", total), ("sft", l_host), (plug_loss, l_plug), ("anchor", l_local)):
+                    totals[k] = totals.get(k, 0.0) + v.detach()
+    model.eval()
+    if keep:  # what training did to the paths against pi_ref (spec §4': y+ below pi_ref is DPOP's failure)
+        after_pos, _ = score_rows(model, pos, pad, 2 * bs, device)
+        diag["dlogp_pos"] = float(((after_pos - ref_pos) / n_pos.clamp_min(1)).mean())
+        if con:
+            after_neg, _ = score_rows(model, [neg[j] for j in con], pad, 2 * bs, device)
+            diag["dlogp_neg"] = float(((after_neg - ref_neg[con]) / n_neg[con].clamp_min(1)).mean())
+    return dict({k: float(v) / steps for k, v in totals.items()}, steps=steps, n=len(h_rows), plugin=diag)
+
+
+def _endless(n, bs, rng):
+    """Endless batches of indices 0..n-1: shuffled passes, each cut into batches of bs (all n if fewer)."""
+    while True:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        for i in range(0, n, bs):
+            yield perm[i:i + bs]
+
+
+def _dard_v2_batch(model, pos, neg, w, ref, beta, eps, alpha, pad, device):
+    """The batch-mean DARD v2 loss of one batch of kept pairs: the fused kernel with q = 1 - eps and the
+    per-pair contrast weight w (kernels.dard_loss_fused), or its reference where the head is not plain."""
+    B = len(pos)
+    enc = collate_pairs(pos, neg, w, pad, device)
+    ref = to_device(ref, device)
+    q = to_device(torch.full((B,), 1 - eps), device)
+    wt = to_device(torch.tensor(w, dtype=torch.float32), device)
+    hw = _head_inputs(model, enc)
+    if hw is not None:
+        return dard_loss_fused(hw[0], hw[1], enc["labels"], ref, q, beta, alpha, tok=enc["tok"], w=wt)[0]
+    lp = sequence_logps(model, enc)
+    return dard_v2_loss(lp[:B], lp[B:], ref[:B], ref[B:], wt, beta, eps, alpha, enc["n_tokens"][:B])[0].mean()

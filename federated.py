@@ -38,7 +38,8 @@ from protocol import METHODS
 BASE = dict(
     rounds=5, pool_size=256, budget=64, min_budget=8, threshold=0.5, filter_epochs=10, filter_optimism=0.0,
     embed_dim=16,
-    alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults
+    alpha=0.1, lam=0.5, beta=0.1, tau=0.1,                  # spec §4 defaults (v1; v2's alpha: METHOD_DEFAULTS)
+    gamma=1.0, eps=0.1, plugin_budget=64,                   # spec §4': LaDa v2's plug-in
     local_steps=50, local_batch=32, distill_epochs=2, distill_batch=16, lr=3e-4, lr_llm=3e-4,  # 0.1 x warm_lr
     distill_lr_scale=1.0,  # each party's lr times this during distillation (spec §2 step 6); local steps keep lr
     local_lr_scale=1.0,  # each party's lr times this during its local step (spec §2 step 1)
@@ -82,12 +83,14 @@ PARTIES = {
     "smoke": dict(llm=("llama-tiny", ("bpe", 300)), mid=("llama-tiny", ("bpe", 300)),
                   hetero=[("qwen2-tiny", ("bpe", 280)), ("gpt2-tiny", ("bpe", 260)), ("llama-tiny", ("char",))]),
 }
+# a method's own defaults, between the preset and the flags: DARD v2's alpha (spec §4')
+METHOD_DEFAULTS = {m: dict(alpha=1.0) for m in P.PLUGIN}
 SCENARIOS = ("hetero", "homo", "one2one", "llm2slm")
 RUN_KEYS = ("out", "resume", "rounds")  # flags that do not change the finished rounds (--rounds extends a run)
 
 
 def resolve_config(args) -> dict:
-    cfg = dict(BASE, **PRESETS["smoke" if args.smoke else args.preset])
+    cfg = dict(BASE, **PRESETS["smoke" if args.smoke else args.preset], **METHOD_DEFAULTS.get(args.method, {}))
     cfg.update(scenario=args.scenario, method=args.method, llm=args.llm, slms=args.slms, data=args.data,
                llm_size=args.llm_size)
     for k in BASE:  # every BASE key is also a flag (None = keep the preset)
@@ -105,8 +108,8 @@ def resolve_config(args) -> dict:
         raise ValueError(f"--dtype must be auto, fp32 or bf16, got {cfg['dtype']!r}")
     if cfg["method"] == "fedavg" and cfg["scenario"] != "homo":
         raise ValueError("--method fedavg needs --scenario homo (only SLMs of one architecture can average weights)")
-    if cfg["counts_from"] and (cfg["method"] != "random" or not Path(cfg["counts_from"]).is_file()):
-        raise ValueError(f"--counts_from {cfg['counts_from']}: needs --method random and a results.json of a run")
+    if cfg["counts_from"] and (cfg["method"] not in ("random", "lada-random") or not Path(cfg["counts_from"]).is_file()):
+        raise ValueError(f"--counts_from {cfg['counts_from']}: needs --method random or lada-random and a results.json of a run")
     from eval import MODES
     if cfg["grading"] not in MODES:
         raise ValueError(f"--grading must be one of {', '.join(MODES)}, got {cfg['grading']!r}")
@@ -124,7 +127,7 @@ def resolve_config(args) -> dict:
 
 # What each numeric flag may be; a numeric flag not listed here must be a finite number >= 0
 RANGES = dict(rounds=">= 1", pool_size=">= 1", budget=">= 1", min_budget=">= 1", threshold="in [0, 1]",
-              filter_epochs=">= 1", filter_optimism="in [0, 1]", embed_dim=">= 1", beta="> 0", tau="> 0",
+              filter_epochs=">= 1", filter_optimism="in [0, 1]", plugin_budget=">= 1", eps="in [0, 1]", embed_dim=">= 1", beta="> 0", tau="> 0",
               local_batch=">= 1", distill_epochs=">= 1", distill_batch=">= 1", lr="> 0", lr_llm="> 0", distill_lr_scale="> 0",
               local_lr_scale="> 0",
               max_new_tokens=">= 1", max_len=">= 16", eval_batch=">= 1", score_batch=">= 1", n_public=">= 1",
@@ -144,7 +147,8 @@ def check_config(cfg):
             x, rule = cfg[k], RANGES.get(k, ">= 0")
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not RULES[rule](x):
                 raise ValueError(f"--{k} must be {'a finite number ' if isinstance(v, float) else 'an integer '}{rule}, got {x!r}")
-    for lo, hi in (("min_budget", "budget"), ("min_steps", "max_steps")):
+    for lo, hi in (("min_budget", "budget"), ("min_steps", "max_steps")) + ((("min_budget", "plugin_budget"),)
+                                                                          if cfg["method"] in P.PLUGIN else ()):
         if cfg[lo] > cfg[hi]:
             raise ValueError(f"--{lo} {cfg[lo]} is larger than --{hi} {cfg[hi]}")
     if cfg["parties"] not in PARTIES:
@@ -498,7 +502,8 @@ def new_filter(cfg, k, direction):
     or "up" (F_k^up, lives with the server); its seed is fixed by (seed, k, direction)."""
     from filter import FEATURE_DIM, LearnabilityFilter
 
-    return LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], cfg["budget"], cfg["min_budget"], cfg["threshold"],
+    budget = cfg["plugin_budget"] if cfg["method"] in P.PLUGIN else cfg["budget"]  # v2 picks A_k within H_k
+    return LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], budget, cfg["min_budget"], cfg["threshold"],
                               epochs=cfg["filter_epochs"], seed=cfg["seed"] * 100 + 2 * k + (direction == "up"),
                               reward_scale="q90", optimism=cfg["filter_optimism"])
 
@@ -615,13 +620,20 @@ def end_round(out, cfg, results, entry, save, start, t_rounds):
     print(f"round {rnd}/{cfg['rounds']} ({entry['seconds']}s, ETA {eta:.0f}s) accuracy",
           {n: round(a, 3) for n, a in entry["accuracy"].items()}, "selected", entry["selected"],
           "MB", {d: round(b / 1e6, 3) for d, b in entry["bytes"].items()}, flush=True)
+    for w in entry.get("warnings", []):
+        print(f"round {rnd}: warning: {w}", flush=True)
 
 
-def round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times):
-    return {"round": rnd, "accuracy": ev["accuracy"], "strict": ev["strict"], "eval_n": ev["eval_n"],
-            "correct": ev["correct"], "selected": selected, "reward": rewards,
-            "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
-            "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
+def round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times, plugin=None):
+    entry = {"round": rnd, "accuracy": ev["accuracy"], "strict": ev["strict"], "eval_n": ev["eval_n"],
+             "correct": ev["correct"], "selected": selected, "reward": rewards,
+             "loss": {k: v for k, v in losses.items() if not (isinstance(v, float) and math.isnan(v))},
+             "bytes": traffic, "errors": errors, "seconds": round(time.time() - t0, 1), "phases": times}
+    if plugin:  # v2 (spec §4'): per student and direction |H_k|, |A_k|, pairs by kind, Δ log p per token
+        entry["plugin"] = plugin
+        entry["warnings"] = [f"{k}: y+ fell below pi_ref ({d['dlogp_pos']:+.4f} nats/token; DPOP's failure mode)"
+                             for k, d in plugin.items() if (d.get("dlogp_pos") or 0.0) < 0]
+    return entry
 
 
 def run(cfg):
@@ -639,7 +651,7 @@ def run(cfg):
     with amp, phase(setup_times, "warm-up", dev):
         parties = build_parties(cfg, splits)
     server, clients = parties["llm"], [p for n, p in parties.items() if n != "llm"]
-    if alloc == "filter":  # one filter per (client, direction), living with the student (spec §2)
+    if P.uses_filter(cfg["method"]):  # one filter per (client, direction), living with the student (spec §2)
         for k, c in enumerate(clients):
             c.filters["down"] = new_filter(cfg, k, "down")
             if not frozen_llm:
@@ -669,7 +681,7 @@ def run(cfg):
         t0 = time.time()
         rng = {n: random.Random(f"{cfg['seed']}-{rnd}-{n}") for n in parties}  # each party's own randomness
         torch.manual_seed(cfg["seed"] * 1000 + rnd)
-        traffic, selected, rewards, losses, errors, times = {}, {}, {}, {}, {}, {}
+        traffic, selected, rewards, losses, errors, times, plugin = {}, {}, {}, {}, {}, {}, {}
         with amp:
             # --- 1. local step: every party on its own data (the frozen LLM of llm2slm excepted)
             with phase(times, "local", dev):
@@ -701,6 +713,8 @@ def run(cfg):
                         with phase(times, "5-7 client_learn", dev):
                             got = P.client_learn(c, msg, score_msg, cfg, rng[c.name])
                         selected[f"down/{c.name}"] = got["selected"]
+                        if "plugin" in got:
+                            plugin[f"down/{c.name}"] = got["plugin"]
                         losses.update({f"{key}/{c.name}": v for key, v in got["losses"].items()})
                         if got["reward"] is not None:
                             rewards[f"down/{c.name}"] = got["reward"]
@@ -715,11 +729,12 @@ def run(cfg):
                         got = P.server_learn(server, cfg, rng["llm"])
                     losses.update({f"{key}/llm": v for key, v in got["losses"].items()})
                     rewards.update({f"up/{n}": r for n, r in got["rewards"].items()})
+                    plugin.update(got.get("plugin", {}))
 
         # --- evaluation, log, checkpoint
         with phase(times, "evaluation", dev):
             ev = merge_evaluations(evaluate(cfg, p, rnd) for p in parties.values())
-        entry = round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times)
+        entry = round_entry(rnd, ev, selected, rewards, losses, traffic, errors, t0, times, plugin)
         end_round(out, cfg, results, entry, lambda: save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results),
                   start, t_rounds)
     print(write_report(out, results))
@@ -734,7 +749,11 @@ HELP = {
     "budget": "most samples a filter (or random) allocates per round", "min_budget": "fewest samples a filter allocates",
     "threshold": "filter score u(x) needed to be picked", "filter_epochs": "epochs of filter training per round",
     "filter_optimism": "residual target of passed-over samples for the exploration net, 0 = spec §3.2 (filter.py)",
-    "embed_dim": "sample embedding size of the filter context", "alpha": "weight of the NLL(y+) term (spec §4)",
+    "embed_dim": "sample embedding size of the filter context",
+    "alpha": "weight of the NLL(y+) term (spec §4; v2's lada methods default to 1.0, spec §4')",
+    "gamma": "weight of the plug-in's loss on A_k beside the host's on H_k (v2, spec §4')",
+    "eps": "DARD v2's label smoothing: contrast target 1 - eps (spec §4')",
+    "plugin_budget": "most samples the v2 plug-in picks within the host's allocation per student and round (spec §4')",
     "lam": "weight of the local SFT anchor L_local (spec §4)", "beta": "DPO-like temperature beta (spec §4)",
     "tau": "teacher-margin temperature, nats per character (spec §4)", "local_steps": "local SFT steps per round",
     "local_batch": "local SFT batch size", "distill_epochs": "passes over the allocated samples",
@@ -755,7 +774,7 @@ HELP = {
     "private_only": "comma-separated domains whose solutions only the clients hold (testbed knowledge split)",
     "private_only_share": "share of the private-only domains in each client's mix",
     "eval_subset": "evaluate rounds before the last on the first N problems of each test set (0 = all)",
-    "counts_from": "results.json of a filter run: --method random allocates that run's counts per student and round",
+    "counts_from": "results.json of a filter run: --method random (lada-random) picks that run's counts per student and round",
     "eval_split": "test | val: the sets every evaluation reads (val for tuning the testbed)",
     "slm_pretrain": "solved problems of the shared domains (from the LLM-only general set) in each generated SLM's warm-up, besides its private data",
     "grading": "how a final answer is graded, for the loop and the accuracies: flexible (GSM8K harness) | strict (\"#### N\") | checked (strict, and every <<a=b>> computes)",

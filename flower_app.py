@@ -146,7 +146,7 @@ client = ClientApp()
 
 def client_party(cfg, name):
     party = build(cfg, [name])[name]
-    if F.METHODS[cfg["method"]][0] == "filter":
+    if P.uses_filter(cfg["method"]):
         party.filters["down"] = F.new_filter(cfg, int(name[3:]) - 1, "down")
     return party
 
@@ -292,7 +292,8 @@ def stage_learn(cfg, name, cdir, meta, got):
     score = P.receive(got["llm_score"], "llm_score", len(offer["questions"]), cfg)  # checked first
     with autocast_of(cfg):
         learned = P.client_learn(party, offer, score, cfg, rng)
-    report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"])
+    report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"],
+                  plugin=learned.get("plugin"))
     return dict(report=finish(cfg, party, cdir, rnd, report)), {}
 
 
@@ -411,7 +412,7 @@ def serve(grid: Grid, context: Context) -> None:
     # --- the LLM (warmed up or cached) and its up-filters; the clients' SuperNodes
     with F.phase(setup_times, "warm-up", dev):
         server = build(cfg, ["llm"])["llm"]
-    if alloc == "filter" and not frozen_llm:
+    if P.uses_filter(cfg["method"]) and not frozen_llm:
         for k, n in enumerate(names):
             server.filters[f"up/{n}"] = F.new_filter(cfg, k, "up")
     resume = cfg["resume"] and (out / "ckpt").exists()
@@ -432,7 +433,7 @@ def serve(grid: Grid, context: Context) -> None:
         t0 = time.time()
         rng = random.Random(f"{cfg['seed']}-{rnd}-llm")  # the LLM's own randomness, as in federated.run
         torch.manual_seed(cfg["seed"] * 1000 + rnd)
-        traffic, selected, rewards, losses, errors, times, wire, reports = {}, {}, {}, {}, {}, {}, {}, {}
+        traffic, selected, rewards, losses, errors, times, wire, reports, plugin = {}, {}, {}, {}, {}, {}, {}, {}, {}
         ex = lambda stage, payloads: exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire)
 
         def skip(n, e):  # federated.run's handling of a failing client
@@ -490,6 +491,8 @@ def serve(grid: Grid, context: Context) -> None:
                 for n, (meta, _) in got.items():
                     rep = reports[n] = meta["report"]
                     selected[f"down/{n}"] = rep["selected"]
+                    if rep.get("plugin"):
+                        plugin[f"down/{n}"] = rep["plugin"]
                     losses.update({f"{key}/{n}": v for key, v in rep["learn_losses"].items()})
                     if rep["reward"] is not None:
                         rewards[f"down/{n}"] = rep["reward"]
@@ -501,13 +504,14 @@ def serve(grid: Grid, context: Context) -> None:
                         learned = P.server_learn(server, cfg, rng)
                     losses.update({f"{key}/llm": v for key, v in learned["losses"].items()})
                     rewards.update({f"up/{n}": r for n, r in learned["rewards"].items()})
+                    plugin.update(learned.get("plugin", {}))
 
         # --- evaluation (the LLM here; each client evaluated itself at its round's end), log, checkpoint
         with amp, F.phase(times, "evaluation", dev):
             ev = F.evaluate(cfg, server, rnd)
         done = [n for n in names if "eval" in reports.get(n, {})]
         entry = F.round_entry(rnd, F.merge_evaluations([ev] + [reports[n]["eval"] for n in done]),
-                              selected, rewards, losses, traffic, errors, t0, times)
+                              selected, rewards, losses, traffic, errors, t0, times, plugin)
         entry["records"] = wire  # bytes of the Flower records (arrays with .npy headers, text, per-message meta)
         F.end_round(out, cfg, results, entry,
                     lambda: F.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},

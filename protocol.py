@@ -10,11 +10,25 @@ functions on each side of a network.
 """
 import torch
 
-# method -> (allocation, loss); spec §2's table
-METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"), "random": ("random", "dard"),
-           "lada-filter": ("filter", "sft"), "lada-loss": ("all", "dard"), "lada": ("filter", "dard"),
+# method -> (allocation, loss) of the host loop; spec §2's table (v1) and §4''s (v2)
+METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"),
+           # LaDa v2 (spec §4'): the host fedmkt, unchanged, plus a plug-in (PLUGIN) on a subset of its allocation
+           "lada": ("fedmkt", "sft"), "lada-random": ("fedmkt", "sft"), "lada-sft": ("fedmkt", "sft"),
+           "lada-nofilter": ("fedmkt", "sft"),
+           # LaDa v1 (spec §2-§4), kept so that the recorded grid reproduces (its result files say lada,
+           # lada-filter, lada-loss: see compare.V1)
+           "lada-v1": ("filter", "dard"), "lada-v1-filter": ("filter", "sft"), "lada-v1-loss": ("all", "dard"),
+           "random": ("random", "dard"),
            "fedavg": (None, None),  # homo only: FedAvg of the SLMs and nothing else (`local` has no FedAvg)
            "oracle": ("oracle", "sft")}  # the testbed's headroom check: every correct teacher path of the pool
+# v2 method -> (the plug-in's pick A_k from the host's H_k, the plug-in's loss); spec §4''s table
+PLUGIN = {"lada": ("filter", "dard2"), "lada-random": ("random", "dard2"), "lada-sft": ("filter", "sft"),
+          "lada-nofilter": ("all", "dard2")}
+
+
+def uses_filter(method: str) -> bool:
+    """Does the method have LaDa filters (one per client and direction)?"""
+    return METHODS[method][0] == "filter" or PLUGIN.get(method, (None,))[0] == "filter"
 
 
 # -----------------------------------------------------------------------------
@@ -194,6 +208,28 @@ def allocate(kind, filt, feats, emb, nll_teacher_gold, nll_student_gold, correct
     return sorted(filt.select(feats, emb).tolist())  # the LaDa filter (spec §3.2)
 
 
+def plugin_pick(kind, filt, feats, emb, host, cfg, rng, count=None) -> list[int]:
+    """Spec §4': the plug-in's A_k, a subset of the host's allocation H_k (`host`, indices into the pool):
+    the filter's picks among H_k at budget min(plugin_budget, |H_k|) (the filter was made with that
+    budget), a random subset of `count` samples where given (`lada`'s count for this student and round:
+    --counts_from) else min(plugin_budget, |H_k|), or all of H_k."""
+    if not host:
+        return []
+    if kind == "all":
+        return list(host)
+    if kind == "random":
+        return sorted(rng.sample(host, min(cfg["plugin_budget"] if count is None else count, len(host))))
+    sub = filt.select(feats[host], emb[host]).tolist()  # the LaDa filter (spec §3.2) on H_k only
+    return sorted(host[j] for j in sub)
+
+
+def plugin_diagnostics(host, picked, got) -> dict:
+    """What log.jsonl keeps of a plug-in step (spec §4'): |H_k|, |A_k|, the pairs of each kind, and the
+    mean change of log p per token of y+ and y- against pi_ref."""
+    d = {k: got[k] for k in ("contrast", "imitation", "dropped", "dlogp_pos", "dlogp_neg") if k in got}
+    return dict(H=len(host), A=len(picked), **d)
+
+
 def trained_on(picked, y_pos, y_neg, loss):
     """The picked samples the student actually trains on: DARD drops a pair whose two paths are the
     same text (spec §4), so it gets no reward and does not update the filter."""
@@ -235,7 +271,7 @@ def server_offer(server, cfg, rnd, rng) -> dict:
     offer = {"questions": qs, "y_llm": y, "logp_llm_yllm": lp}
     if METHODS[cfg["method"]][0] == "fedmkt":
         server.state["nll_gold"] = offer["nll_gold_llm"] = gold_nll(cfg, server, qs)
-    if METHODS[cfg["method"]][0] == "filter" and cfg["scenario"] != "llm2slm":  # F_k^up's context
+    if uses_filter(cfg["method"]) and cfg["scenario"] != "llm2slm":  # F_k^up's context
         server.state["emb"] = embeddings(cfg, server, qs)
     return offer
 
@@ -276,8 +312,23 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
                             len_llm, len_k, c_llm, c_k)
     filt = client.filters.get("down")
     emb = embeddings(cfg, client, qs) if filt is not None else None
-    A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng,
-                 client.counts.get((st.get("round"), "down")))  # 5
+    count = client.counts.get((st.get("round"), "down"))
+    if cfg["method"] in PLUGIN:  # v2: the host's H_k, the plug-in's A_k within it, one distillation (spec §4')
+        from distill import distill_plugin
+
+        pick, plug_loss = PLUGIN[cfg["method"]]
+        H = allocate(alloc, None, feats, None, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng)  # 5
+        A = plugin_pick(pick, filt, feats, emb, H, cfg, rng, count)  # 5 (plug-in)
+        pairs = [dict(question=qs[i], y_pos=y_llm[i], y_neg=st["y"][i], correct_pos=bool(c_llm[i]),
+                      correct_neg=bool(c_k[i])) for i in A]
+        got = distill_plugin(client.model, client.tok, client.opt, [dict(question=qs[i], y_pos=y_llm[i]) for i in H],
+                             pairs, client.local, plug_loss, cfg, rng, cfg["device"])  # 6
+        trained = [A[j] for j in got["plugin"]["trained"]]  # rewards only for pairs DARD v2 trained on
+        reward = (reward_and_update(cfg, client, qs, y_llm, trained, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
+                  if trained else None)  # 7
+        return dict(selected=len(A), reward=reward, plugin=plugin_diagnostics(H, A, got["plugin"]),
+                    losses={k: v for k, v in got.items() if k not in ("steps", "n", "plugin")})
+    A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng, count)  # 5
     q = teacher_targets(offer["logp_llm_yllm"], llm_score["logp_llm_yslm"], len_llm, len_k, c_llm, c_k, cfg["tau"])
     samples = [dict(question=qs[i], y_pos=y_llm[i], y_neg=st["y"][i], q=float(q[i]), correct_pos=bool(c_llm[i]))
                for i in A]
@@ -297,8 +348,14 @@ def server_pick(server, name, cfg, rng) -> list[int]:
     reply = ck["reply"]
     ck["feats"] = sample_features(ck["lp_yk"], reply["logp_slm_yslm"], st["lp_y"], reply["logp_slm_yllm"],
                                   chars(reply["y_slm"]), chars(st["y"]), ck["c_yk"], st["c_y"])
-    ck["B"] = allocate(alloc, server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"), reply.get("nll_gold_slm"),
-                       st.get("nll_gold"), ck["c_yk"], cfg, rng, server.counts.get((st.get("round"), f"up/{name}")))
+    filt, count = server.filters.get(f"up/{name}"), server.counts.get((st.get("round"), f"up/{name}"))
+    if cfg["method"] in PLUGIN:  # v2: the host's H_k, then the plug-in's A_k within it (spec §4')
+        ck["H"] = allocate(alloc, None, ck["feats"], None, reply.get("nll_gold_slm"), st.get("nll_gold"), ck["c_yk"],
+                           cfg, rng)
+        ck["B"] = plugin_pick(PLUGIN[cfg["method"]][0], filt, ck["feats"], st.get("emb"), ck["H"], cfg, rng, count)
+        return ck["B"]
+    ck["B"] = allocate(alloc, filt, ck["feats"], st.get("emb"), reply.get("nll_gold_slm"),
+                       st.get("nll_gold"), ck["c_yk"], cfg, rng, count)
     return ck["B"]
 
 
@@ -310,6 +367,8 @@ def server_learn(server, cfg, rng) -> dict:
     loss = METHODS[cfg["method"]][1]
     st = server.state
     qs, len_llm, samples = st["qs"], chars(st["y"]), []
+    if cfg["method"] in PLUGIN:
+        return _server_learn_plugin(server, cfg, rng)
     for name, ck in st["clients"].items():
         if "B" not in ck:
             continue
@@ -326,3 +385,42 @@ def server_learn(server, cfg, rng) -> dict:
             rewards[name] = reward_and_update(cfg, server, qs, ck["reply"]["y_slm"], trained, ck["lp_yk"], ck["n_yk"],
                                               ck["c_yk"], server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"))
     return dict(losses={k: v for k, v in stats.items() if k not in ("steps", "n")}, rewards=rewards)
+
+
+
+def _server_learn_plugin(server, cfg, rng) -> dict:
+    """6', 7' of v2 (spec §4'): L trains on the union of the host's H_k (SFT on y_k) plus gamma * the
+    plug-in's loss on the union of the A_k (y+ = y_k, y- = y_L), in one distillation; then each F_k^up is
+    rewarded for the pairs of its A_k that were trained on. Returns {"losses", "rewards", "plugin"}."""
+    from distill import dard_v2_pair, distill_plugin
+
+    st, qs = server.state, server.state["qs"]
+    host, pairs, owner = [], [], []  # owner[j]: (client, pool index) of pairs[j]
+    for name, ck in st["clients"].items():
+        if "B" not in ck:
+            continue
+        y_k = ck["reply"]["y_slm"]
+        host += [dict(question=qs[i], y_pos=y_k[i]) for i in ck["H"]]
+        pairs += [dict(question=qs[i], y_pos=y_k[i], y_neg=st["y"][i], correct_pos=bool(ck["c_yk"][i]),
+                       correct_neg=bool(st["c_y"][i])) for i in ck["B"]]
+        owner += [(name, i) for i in ck["B"]]
+    got = distill_plugin(server.model, server.tok, server.opt, host, pairs, server.local, PLUGIN[cfg["method"]][1],
+                         cfg, rng, cfg["device"])  # 6'
+    diag = got["plugin"]
+    trained = [owner[j] for j in diag["trained"]]
+    rewards, plugin = {}, {}
+    for name, ck in st["clients"].items():  # 7': what L learned of each y_k, for the pairs it trained on
+        if "B" not in ck:
+            continue
+        mine = [j for j, (n, _) in enumerate(owner) if n == name]
+        kinds = {k: 0 for k in ("contrast", "imitation", "dropped")}
+        for j in mine:
+            kinds[dard_v2_pair(pairs[j]["correct_pos"], pairs[j]["correct_neg"])] += 1
+        plugin[f"up/{name}"] = dict(H=len(ck["H"]), A=len(ck["B"]), **kinds)
+        idx = [i for n, i in trained if n == name]
+        if idx:
+            rewards[name] = reward_and_update(cfg, server, qs, ck["reply"]["y_slm"], idx, ck["lp_yk"], ck["n_yk"],
+                                              ck["c_yk"], server.filters.get(f"up/{name}"), ck["feats"], st.get("emb"))
+    plugin["llm"] = {k: diag[k] for k in ("dlogp_pos", "dlogp_neg")}  # the student of the up direction
+    return dict(losses={k: v for k, v in got.items() if k not in ("steps", "n", "plugin")}, rewards=rewards,
+                plugin=plugin)

@@ -1,7 +1,7 @@
 """Fused LM-head kernels for LaDa (spec §5).
 
     seq_logprob(hidden, weight, labels)            -> (B,) summed log-probs of each row's labels
-    dard_loss_fused(hidden, weight, labels, ...)   -> (DARD loss, detached (2B,) log-probs)
+    dard_loss_fused(hidden, weight, labels, ...)   -> (DARD loss, detached (2B,) log-probs); w: per-pair contrast
 
 Both run Triton kernels on CUDA tensors whose batch would hold more than SMALL_HEAD_LOGITS logits,
 and their plain-torch references (same files) elsewhere; `LADA_KERNEL=triton|torch` forces a path,
@@ -15,12 +15,12 @@ more, so a head with a bias, logit soft-capping or logit scaling needs the model
 
 from torch import nn
 
-from .dard_loss import dard_loss_from_logps, dard_loss_fused, dard_loss_reference
+from .dard_loss import dard_loss_from_logps, dard_loss_fused, dard_loss_reference, mask_imitation_rows
 from .seq_logprob import HAS_TRITON, SMALL_HEAD_LOGITS, kept_tokens, kernel_backend, seq_logprob, seq_logprob_reference
 
 __all__ = [
     "seq_logprob", "seq_logprob_reference", "dard_loss_fused", "dard_loss_reference",
-    "dard_loss_from_logps", "kernel_backend", "kept_tokens", "head_is_plain_linear", "HAS_TRITON", "SMALL_HEAD_LOGITS",
+    "dard_loss_from_logps", "mask_imitation_rows", "kernel_backend", "kept_tokens", "head_is_plain_linear", "HAS_TRITON", "SMALL_HEAD_LOGITS",
 ]
 
 # config fields (transformers names) that change logits after lm_head, and their "off" values

@@ -440,3 +440,67 @@ def test_random_is_run_again_when_its_lada_run_changed(tmp_path, monkeypatch):
     assert moved == tmp_path / "results" / compare.PRESET / "superseded" / "counts" / "llm2slm" / "random-s1.json"
     assert moved.exists() and not (d / "random-s1.json").exists() and (d / "lada-s1.json").exists()
 
+
+
+# -----------------------------------------------------------------------------
+# LaDa v2 (docs/study-v2.md): v1's labels rerun as lada-v1*, gamma on validation, V1-V4 from files
+
+def test_v1_labels_rerun_as_v1_methods_and_v2_runs_as_v2(tmp_path, monkeypatch):
+    """The v1 study's files say lada, lada-filter, lada-loss: rerunning one passes --method lada-v1 etc.;
+    a run under v2/ passes its own name."""
+    seen = []
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results")
+
+    def fake_main(args):
+        seen.append(args[args.index("--method") + 1])
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"config": {"seed": 0}, "rounds": []}))
+        return 0
+    monkeypatch.setattr(compare.federated, "main", fake_main)
+    res = compare.res_root()
+    for label in ("lada", "lada-filter", "lada-loss", "fedmkt", "random"):
+        compare.run_one("hetero", label, 0, [], res / "hetero" / f"{label}-s0.json", tmp_path / "w")
+    for m in ("lada", "lada-sft"):
+        compare.run_one("hetero", m, 6, [], res / "v2" / "hetero" / f"{m}-s6.json", tmp_path / "w")
+    assert seen == ["lada-v1", "lada-v1-filter", "lada-v1-loss", "fedmkt", "random", "lada", "lada-sft"]
+    assert all(m in compare.federated.METHODS for m in seen)
+
+
+def test_v2_gamma_is_chosen_on_validation_and_test_runs_follow_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    res = compare.res_root()
+    assert [t[-1].name for t in compare.v2_tune_runs()] == ["lada-g0.1-s0.json", "lada-g0.3-s0.json", "lada-g1.0-s0.json"]
+    assert all("--eval_split" in t[3] and t[3][t[3].index("--eval_split") + 1] == "val" for t in compare.v2_tune_runs())
+    for g, k in ((0.1, 9), (0.3, 12)):
+        _write(res / "v2" / "tune", f"lada-g{g}-s0", _result({"slm1": _bits(k, 50)}))
+    assert compare.v2_gamma(res) is None  # a tuning run is missing
+    _write(res / "v2" / "tune", "lada-g1.0-s0", _result({"slm1": _bits(12, 50)}))
+    assert compare.v2_gamma(res) == 1.0  # 12 = 12: the tie goes to the larger gamma
+    runs = list(compare.v2_runs(0.3))
+    assert [(t[1], t[2]) for t in runs[:5]] == [(m, 6) for m in compare.V2_METHODS] and len(runs) == 15
+    for _, m, seed, extra, dest in runs:
+        assert extra[:4] == compare.V2_FLAGS and ("--gamma" in extra) == m.startswith("lada")
+        if m == "lada-random":
+            assert compare.counts_of(extra) == res / "v2" / "hetero" / f"lada-s{seed}.json"
+    assert compare.main(["--v2", "--results", str(tmp_path / "none"), "--workdir", str(tmp_path / "w")]) == 2
+
+
+def test_v2_hypotheses_from_files(tmp_path):
+    """V1 (lada − fedmkt, SLMs) +10 points in every seed: supported; V2b, the LLM's public test −1 point
+    (non-inferior at a −2 margin only if the interval's low end is above −2); V3 contradicted; V4 not run."""
+    n = 100
+    init = {"llm": _bits(50, n), "llm-private": _bits(5, n), "slm1": _bits(10, n)}
+    for s in (6, 7, 8):
+        for m, (llm, slm) in {"fedmkt": (50, 20), "lada": (49, 30), "lada-random": (50, 40)}.items():
+            _write(tmp_path / "v2" / "hetero", f"{m}-s{s}", _result({"llm": _bits(llm, n), "llm-private": _bits(5, n),
+                                                                     "slm1": _bits(slm, n)}, init))
+    text = compare.v2_tables(tmp_path)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| V")}
+    assert rows["V1"][1].startswith("+10.0 [") and rows["V1"][3] == "supported"
+    est, lo = rows["V2b"][1].split(" [")[0], float(rows["V2b"][1].split("[")[1].split(",")[0])
+    assert est == "-1.0" and rows["V2b"][3] == ("supported" if lo > -2 else "not decided")
+    assert rows["V2a"][1].startswith("+0.0") and rows["V2a"][3] == "not decided"
+    assert rows["V3"][1].startswith("-10.0") and rows["V3"][3] == "contradicted"
+    assert rows["V4"][3] == "not run"

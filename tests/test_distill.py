@@ -288,3 +288,120 @@ def test_a_training_step_never_waits_for_the_gpu(tok, backend, monkeypatch):
             distill.optimizer_step(model, opt, distill.sft_loss(model, examples.batch(next(batches), "cuda")))
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# -----------------------------------------------------------------------------
+# DARD v2 (spec §4'): hand-computed values, the three pair kinds, the plug-in step
+
+QS4 = ["Ava has 12 apples and buys 5 more. How many apples does Ava have now?",
+       "A rope is 30 meters long. 8 meters are cut off. How many meters long is it now?",
+       "Ben has $40. He spends $15. How many dollars does Ben have now?",
+       "A farm has 9 chickens. Then 4 more arrive. How many are there now?"]
+GOLD4 = ["12 + 5 = <<12+5=17>>17\n#### 17", "30 - 8 = <<30-8=22>>22\n#### 22", "40 - 15 = <<40-15=25>>25\n#### 25",
+         "9 + 4 = <<9+4=13>>13\n#### 13"]
+Q, A = QS4[0], GOLD4[0]
+CORPUS = [data.format_prompt(q) + a for q, a in zip(QS4, GOLD4)] + ["0123456789"]
+
+def test_dard_v2_pair_kinds():
+    assert distill.dard_v2_pair(True, False) == "contrast"
+    assert distill.dard_v2_pair(True, True) == "imitation"
+    assert distill.dard_v2_pair(False, False) == "dropped" and distill.dard_v2_pair(False, True) == "dropped"
+
+
+def test_dard_v2_loss_hand_computed_for_each_pair_kind():
+    """Numbers worked by hand, β = 0.1, ε = 0.1, α = 1, y⁺ 4 tokens with log p −8 (NLL per token 2.0):
+    contrast, h = 0 (both paths where π_ref had them): −[0.9·log ½ + 0.1·log ½] = log 2, plus 2.0;
+    contrast, h = 0.1·((−8+10) − (−12+10)) = 0.4: −[0.9·log σ(0.4) + 0.1·log σ(−0.4)] = 0.9·0.513015 +
+    0.1·0.913015 = 0.553015, plus 2.0; imitation (w = 0): 2.0 alone, whatever y⁻ does."""
+    beta, eps, alpha = 0.1, 0.1, 1.0
+    pi_pos = torch.tensor([-8.0, -8.0, -8.0], dtype=torch.float64)
+    ref_pos = torch.tensor([-8.0, -10.0, -10.0], dtype=torch.float64)
+    pi_neg = torch.tensor([-12.0, -12.0, -99.0], dtype=torch.float64)
+    ref_neg = torch.tensor([-12.0, -10.0, -3.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 1.0, 0.0])
+    losses, diag = distill.dard_v2_loss(pi_pos, pi_neg, ref_pos, ref_neg, w, beta, eps, alpha, torch.tensor([4, 4, 4]))
+    assert losses.tolist() == pytest.approx([math.log(2) + 2.0, 0.553015 + 2.0, 2.0], abs=1e-6)
+    assert diag["h"][:2].tolist() == pytest.approx([0.0, 0.4], abs=1e-12)
+    # the finite optimum of the bounded contrast: its derivative in h, σ(h) − (1 − ε), vanishes at σ(h) = 0.9
+    h = torch.tensor([math.log(9.0)], dtype=torch.float64, requires_grad=True)
+    l_con = distill.dard_v2_loss(h / beta, torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                 torch.zeros(1, dtype=torch.float64), torch.ones(1), beta, eps, 0.0, torch.ones(1))[0]
+    l_con.backward()
+    assert h.grad.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dard_v2_fused_batch_equals_the_hand_formula_on_its_log_probs(tok, monkeypatch):
+    """One DARD v2 batch through the kernel path (distill._dard_v2_batch) on a tiny model: a contrast
+    pair and an imitation pair; the loss equals the §4' formula evaluated by hand on float64 log-probs
+    from the model's own logits (conftest.logp64), with π_ref given."""
+    cfg_model, ctok = models.new_party("llama-tiny", ("char",), CORPUS, seed=3)
+    pos = distill.encode(ctok, [Q, Q], [A, A])
+    neg = distill.encode(ctok, [Q, Q], ["#### 7", "#### 9"])
+    ref = torch.tensor([-30.0, -31.0, -40.0, 0.0])
+    got = distill._dard_v2_batch(cfg_model, pos, neg, [1, 0], ref, 0.1, 0.1, 1.0, ctok.pad_token_id, "cpu").item()
+
+    def lp(y):
+        p = ctok(data.format_prompt(Q), add_special_tokens=False).input_ids
+        a = ctok(y, add_special_tokens=False).input_ids + [ctok.eos_token_id]
+        ids = torch.tensor([p + a])
+        with torch.no_grad():
+            logp = torch.log_softmax(cfg_model(input_ids=ids).logits.double()[0, :-1], -1)
+        return sum(logp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, len(p) + len(a) - 1)), len(a)
+    (lp_a, n_a), (lp_7, _) = lp(A), lp("#### 7")
+    h = 0.1 * ((lp_a + 30.0) - (lp_7 + 40.0))
+    log_sig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    contrast = -(0.9 * log_sig(h) + 0.1 * log_sig(-h))
+    expected = (contrast + (-lp_a / n_a) + (-lp_a / n_a)) / 2  # pair 2: imitation only
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def _plugin_cfg(**kw):
+    return dict(dict(beta=0.1, eps=0.1, alpha=1.0, gamma=1.0, lam=0.0, distill_batch=2, distill_epochs=2, max_len=None,
+                     distill_lr_scale=1.0), **kw)
+
+
+def test_a_pair_with_a_wrong_sent_path_gets_no_gradient_and_no_reward(tok):
+    """Spec §4': y⁺ wrong -> dropped. The host's SFT on H_k alone, and the host's SFT plus DARD v2 on
+    a wrong-y⁺ pair, leave bit-identical weights (same seed); the pair is not among those trained on,
+    so it earns no reward. A correct pair in its place changes the weights."""
+    def run(pairs):
+        model, ctok = models.new_party("llama-tiny", ("char",), CORPUS, seed=3)
+        opt = distill.make_optimizer(model, 1e-3)
+        got = distill.distill_plugin(model, ctok, opt, [dict(question=Q, y_pos=A)] * 2, pairs, [], "dard2",
+                                     _plugin_cfg(), random.Random(0))
+        return got, torch.cat([p.detach().flatten() for p in model.parameters()])
+    wrong = dict(question=Q, y_pos="#### 7", y_neg="#### 9", correct_pos=False, correct_neg=False)
+    right = dict(question=Q, y_pos=A, y_neg="#### 9", correct_pos=True, correct_neg=False)
+    host_only, w0 = run([])
+    dropped, w1 = run([wrong])
+    kept, w2 = run([right])
+    assert torch.equal(w0, w1) and dropped["plugin"]["trained"] == [] and dropped["plugin"]["dropped"] == 1
+    assert dropped["dard2"] == 0.0 and host_only["steps"] == dropped["steps"] == 2
+    assert kept["plugin"]["trained"] == [0] and kept["plugin"]["contrast"] == 1 and not torch.equal(w0, w2)
+    assert kept["plugin"]["dlogp_pos"] > 0  # y⁺ rose above π_ref (imitated and contrasted)
+
+
+def test_client_learn_v2_rewards_only_pairs_dard_trained_on(monkeypatch):
+    """protocol.client_learn under `lada`: H_k is fedmkt's rule, A_k ⊂ H_k, and the rewards go to the
+    kept pairs of A_k only (the wrong-y⁺ pair in A_k earns none)."""
+    import federated
+    import protocol
+
+    args = federated.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
+    cfg = dict(federated.resolve_config(args), distill_epochs=1)
+    public = [{"question": q, "answer": a} for q, a in zip(QS4, GOLD4)]
+    model, ctok = models.new_party("gpt2-tiny", ("char",), CORPUS, seed=1)
+    client = federated.Party("slm1", model, ctok, cfg, public, {"slm1": public}, public, {})
+    y_llm = [GOLD4[0], "30 - 8 = 21\n#### 21", GOLD4[2], GOLD4[3]]   # right, wrong, right, right
+    y_k = ["#### 16", "#### 1", GOLD4[2], "#### 12"]                 # wrong, wrong, right, wrong
+    client.state = dict(round=1, y=y_k, lp_y=torch.full((4,), -30.0), n_y=torch.full((4,), 10),
+                        lp_yllm=torch.full((4,), -40.0), n_yllm=torch.full((4,), 10), nll_gold=torch.full((4,), 2.0))
+    offer = {"questions": QS4, "y_llm": y_llm, "logp_llm_yllm": torch.full((4,), -5.0),
+             "nll_gold_llm": torch.tensor([1.0, 1.0, 1.0, 3.0])}  # fedmkt's H_k: where the LLM fits gold better: 0, 1, 2
+    rewarded, real = [], protocol.reward_and_update
+    monkeypatch.setattr(protocol, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real(*a))
+    monkeypatch.setattr(protocol, "plugin_pick", lambda kind, filt, feats, emb, host, *a: list(host))  # A_k = H_k
+    got = protocol.client_learn(client, offer, {"logp_llm_yslm": torch.full((4,), -50.0)}, cfg, random.Random(0))
+    assert got["plugin"]["H"] == 3 and got["plugin"]["A"] == 3 == got["selected"]
+    assert (got["plugin"]["contrast"], got["plugin"]["imitation"], got["plugin"]["dropped"]) == (1, 1, 1)
+    assert rewarded == [[0, 2]]  # pair 1 (wrong y+) was dropped: no reward, no filter update

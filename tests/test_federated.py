@@ -67,10 +67,22 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     assert {n: losses[f"local/{n}"] for n in step_losses} == pytest.approx(step_losses)
     if method not in ("local", "fedavg"):
         assert all(losses[f"anchor/{k[5:]}"] > 0 for k, v in sel.items() if k.startswith("down/") and v)
-    if method in ("random", "lada", "lada-filter"):
+    if method in ("random", "lada-v1", "lada-v1-filter"):
         assert all(2 <= v <= 6 for v in sel.values())  # min_budget <= |A| <= budget
-    if method == "lada-loss":
+    if method == "lada-v1-loss":
         assert all(v == 8 for v in sel.values())  # all of the pool
+    plugin = res["rounds"][0].get("plugin", {})
+    if method in protocol.PLUGIN:  # v2: A_k within the host's H_k, pairs by kind, in log.jsonl too
+        assert set(plugin) == {k for k in sel} | ({"llm"} if scenario != "llm2slm" else set())
+        for k, v in sel.items():
+            d = plugin[k]
+            assert d["A"] == v <= d["H"] <= 8 and d["contrast"] + d["imitation"] + d["dropped"] == v
+            if method == "lada-nofilter":
+                assert d["A"] == d["H"]
+        logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+        assert logged["plugin"] == plugin and "warnings" in logged
+    else:
+        assert plugin == {}
     if scenario == "homo" and method != "local":  # FedAvg ran once, after the local step, and averaged the SLMs
         assert fedavg_calls == [["slm1", "slm2", "slm3"]] and nbytes["up"] > 3 * 4 * 15000
     else:  # `local` is local training alone, in homo too
@@ -136,11 +148,15 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
     assert len((tmp_path / "cut" / "log.jsonl").read_text().splitlines()) == 2
 
 
-def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monkeypatch):
+@pytest.mark.parametrize("method", ["lada-v1", "lada"])
+def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monkeypatch, method):
+    """v1 exchanges the paths and two log-probs per sample; v2 runs on its host fedmkt, which also sends
+    each side's per-character NLL of the gold solution (spec §2 step 4): nothing else crosses."""
     sent = []
     real = protocol.send
     monkeypatch.setattr(protocol, "send", lambda msg, kind, *a: sent.append((kind, msg)) or real(msg, kind, *a))
-    res = run(["--method", "lada"], tmp_path, cache)
+    res = run(["--method", method], tmp_path, cache)
+    gold = method == "lada"
     splits = federated.make_data(res["config"], 3)
     public = {p["question"] for p in splits["public"]}
     private = [p["question"] for c in splits["clients"] for p in c["private"]] + \
@@ -153,9 +169,10 @@ def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monk
         assert all(t not in private for t in texts)
         assert all(v.dim() == 1 and len(v) == 8 for v in scalars.values())  # one scalar per pooled sample
         if kind == "pool":
-            assert set(msg["questions"]) <= public and set(scalars) == {"logp_llm_yllm"}
+            assert set(msg["questions"]) <= public and set(scalars) == {"logp_llm_yllm"} | ({"nll_gold_llm"} if gold else set())
         if kind == "client_paths":  # the client's two scores: the teacher scalars the LLM learns with
-            assert set(scalars) == {"logp_slm_yslm", "logp_slm_yllm"} and len(msg["y_slm"]) == 8
+            assert set(scalars) == {"logp_slm_yslm", "logp_slm_yllm"} | ({"nll_gold_slm"} if gold else set())
+            assert len(msg["y_slm"]) == 8
         if kind == "llm_score":
             assert set(scalars) == {"logp_llm_yslm"}
     with pytest.raises(RuntimeError, match="outside the protocol"):
@@ -192,7 +209,7 @@ GOLD = ["12 + 5 = <<12+5=17>>17\n#### 17", "30 - 8 = <<30-8=22>>22\n#### 22", "4
 @pytest.fixture()
 def parties(tmp_path):
     """A server and one client built by hand (tiny random models, no warm-up), the smoke config."""
-    args = federated.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
+    args = federated.parse_args(["--smoke", "--method", "lada-v1", "--scenario", "one2one"])
     cfg = dict(federated.resolve_config(args), out=str(tmp_path), resume=False)
     public = [{"question": q, "answer": a} for q, a in zip(QS, GOLD)]
     corpus = [q + "\n" + a for q, a in zip(QS, GOLD)] * 3
@@ -208,7 +225,7 @@ def test_client_answer_and_server_score_carry_the_right_scores(parties, logp64):
     cfg, server, client = parties
     offer = {"questions": QS, "y_llm": GOLD, "logp_llm_yllm": torch.zeros(4)}
     reply = protocol.client_answer(client, offer, cfg, rnd=1, k=0)
-    assert set(reply) == protocol.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada: no gold NLL
+    assert set(reply) == protocol.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada-v1: no gold NLL
     for i in range(4):
         assert reply["logp_slm_yllm"][i].item() == pytest.approx(_independent_logp(client, QS[i], GOLD[i]), rel=1e-4)
         assert reply["logp_slm_yslm"][i].item() == pytest.approx(
@@ -226,7 +243,7 @@ def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
     import distill
 
     cfg, server, client = parties
-    cfg = dict(cfg, method="lada-loss")  # allocation "all": every pooled sample, so the pairs are known
+    cfg = dict(cfg, method="lada-v1-loss")  # allocation "all": every pooled sample, so the pairs are known
     y_llm = [GOLD[0], "30 - 8 = 21\n#### 21", GOLD[2], "9 + 4 = 14\n#### 14"]  # right, wrong, right, wrong
     y_k = ["12 + 5 = 16\n#### 16", GOLD[1], GOLD[2], "#### 12"]          # wrong, right, same as y_llm, wrong
     client.state = dict(y=y_k, lp_y=torch.full((4,), -30.0), n_y=torch.full((4,), 10), lp_yllm=torch.full((4,), -40.0),
@@ -387,7 +404,7 @@ def test_oracle_takes_every_correct_teacher_path(parties):
 
 
 def test_random_matches_the_counts_of_a_filter_run(tmp_path, cache):
-    lada = run(["--rounds", "2", "--method", "lada"], tmp_path / "lada", cache)
+    lada = run(["--rounds", "2", "--method", "lada-v1"], tmp_path / "lada", cache)
     rnd = run(["--rounds", "2", "--method", "random", "--counts_from", str(tmp_path / "lada" / "results.json")],
               tmp_path / "random", cache)
     assert [r["selected"] for r in rnd["rounds"]] == [r["selected"] for r in lada["rounds"]]
@@ -443,3 +460,28 @@ def test_solutions_longer_than_the_generation_budget_are_counted_and_said(capsys
     assert "slm1: 2 of 3 solutions of its slm1 set need more than --max_new_tokens 20 tokens (the longest 31)" in out
     assert federated.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=31) == {"slm1": 0, "pool": 0}
     assert capsys.readouterr().out == ""
+
+
+def test_lada_random_takes_the_counts_of_lada_within_the_host(tmp_path, cache, monkeypatch):
+    """v2: `lada`'s A_k is a subset of the host's H_k in every round and direction (plugin_pick's output
+    against its input, recorded); `lada-random` picks as many within H_k as `lada` did (--counts_from)."""
+    picks, real = [], protocol.plugin_pick
+
+    def recorded(kind, filt, feats, emb, host, cfg, rng, count=None):
+        got = real(kind, filt, feats, emb, host, cfg, rng, count)
+        picks.append((kind, list(host), got))
+        return got
+
+    monkeypatch.setattr(protocol, "plugin_pick", recorded)
+    lada = run(["--rounds", "2", "--method", "lada", "--plugin_budget", "3"], tmp_path / "lada", cache)
+    assert len(picks) == 2 * 6 and all(k == "filter" for k, _, _ in picks)  # 2 rounds x 3 clients x 2 directions
+    assert all(set(a) <= set(h) and len(a) == len(set(a)) and len(a) <= 3 for _, h, a in picks)
+    assert any(len(h) > len(a) > 0 for _, h, a in picks)  # the filter did choose somewhere (not all, not none)
+    picks.clear()
+    rnd = run(["--rounds", "2", "--method", "lada-random", "--counts_from", str(tmp_path / "lada" / "results.json")],
+              tmp_path / "random", cache)
+    assert all(k == "random" and set(a) <= set(h) for k, h, a in picks)
+    host = lambda r: {k: d["H"] for k, d in r["plugin"].items() if "H" in d}  # noqa: E731
+    assert host(rnd["rounds"][0]) == host(lada["rounds"][0])  # round 1: same models so far, the same H_k
+    for mine, theirs in zip(rnd["rounds"], lada["rounds"]):  # lada's count, or all of H_k where it is smaller
+        assert mine["selected"] == {k: min(n, mine["plugin"][k]["H"]) for k, n in theirs["selected"].items()}

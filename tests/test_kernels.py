@@ -427,3 +427,71 @@ def test_head_is_plain_linear():
     assert not kernels.head_is_plain_linear(_FakeLM(nn.Linear(8, 11, bias=False), logit_scale=0.0625))
     nested = _FakeLM(nn.Linear(8, 11, bias=False), text_config=SimpleNamespace(final_logit_softcapping=30.0))
     assert not kernels.head_is_plain_linear(nested)
+
+
+def dard_v2_f64(hidden, weight, labels, ref, q, beta, alpha, w):
+    """Independent float64 truth of the loss with per-pair contrast weights, written out term by term
+    (no project function): L_b = w_b·(−[q log σ(h) + (1−q) log σ(−h)]) + α_b·(−lp⁺_b / n_b), batch mean.
+    A w = 0 pair's y⁻ row is left out of h altogether."""
+    B = q.shape[0]
+    logps = logprob_f64(hidden, weight, labels)
+    n = (labels[:B] != IGNORE).sum(1).double()
+    total = 0
+    for b in range(B):
+        neg = (logps[B + b] - ref[B + b].double()) if w[b] else 0.0
+        h = beta * ((logps[b] - ref[b].double()) - neg)
+        contrast = -(q[b].double() * torch.log(torch.sigmoid(h)) + (1 - q[b].double()) * torch.log(torch.sigmoid(-h)))
+        total = total + w[b] * contrast + alpha[b].double() * (-logps[b] / n[b])
+    return total / B, logps
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("tok_from", ["kernel", "caller"])
+def test_dard_loss_fused_mixed_contrast_weights_match_float64(tok_from, dtype, backend, device, monkeypatch):
+    """Spec §4': w = 1 and w = 0 pairs and per-pair α in one batch, q = 1 − ε; the loss, the y⁺ log-probs
+    and both gradients against float64, with grad_output ≠ 1. A w = 0 pair's y⁻ row is not computed
+    (log-prob 0) and gets exactly no gradient, whether the kernel masks it (tok=None) or the caller
+    masked its labels before finding tok (as distill does)."""
+    use_backend(monkeypatch, backend, device)
+    B, T, V, d, beta, eps = 4, 9, 131, 27, 0.1, 0.1
+    hidden, weight, labels = make_inputs(2 * B, T, V, d, "prompt", dtype, device, seed=11)
+    g = torch.Generator().manual_seed(12)
+    ref = (logprob_f64(hidden, weight, labels) + 3 * torch.randn(2 * B, generator=g).to(device)).float().detach()
+    q = torch.full((B,), 1 - eps, device=device)
+    alpha = torch.tensor([1.0, 1.0, 0.5, 2.0], device=device)
+    w = torch.tensor([1.0, 0.0, 1.0, 0.0], device=device)
+    grad_out = 1.3
+    kw = {}
+    if tok_from == "caller":
+        labels = kernels.mask_imitation_rows(labels, w, IGNORE)
+        kw["tok"] = kernels.kept_tokens(labels, IGNORE)
+    loss, logps = kernels.dard_loss_fused(hidden, weight, labels, ref, q, beta, alpha, ignore_index=IGNORE, w=w, **kw)
+    (grad_out * loss).backward()
+
+    expected, expected_logps = dard_v2_f64(hidden, weight, labels, ref, q, beta, alpha, w.tolist())
+    dh, dw = grads_f64(lambda h, w_: grad_out * dard_v2_f64(h, w_, labels, ref, q, beta, alpha, w.tolist())[0],
+                       hidden, weight)
+    skipped = [B + 1, B + 3]  # the y⁻ rows of the w = 0 pairs
+    assert logps[skipped].tolist() == [0.0, 0.0]
+    kept = [r for r in range(2 * B) if r not in skipped]
+    assert_close(logps[kept], expected_logps[kept], TOL[dtype][0])
+    assert_close(loss, expected, (1e-5, 1e-5))
+    assert_close(hidden.grad, dh, TOL[dtype][1])
+    assert_close(weight.grad, dw, TOL[dtype][1])
+    assert hidden.grad[skipped].abs().max().item() == 0.0
+    assert hidden.grad[[B, B + 2]].abs().max().item() > 0  # the contrast pairs' y⁻ rows do get one
+
+
+def test_dard_loss_w0_is_the_imitation_term_alone_by_hand():
+    """A w = 0 pair: whatever its y⁻ log-prob, the loss is α·(−lp⁺/n) and only y⁺ has a gradient, −α/n.
+    lp⁺ = −6 over n = 3 tokens, α = 1: loss 2.0, ∂/∂lp⁺ = −1/3."""
+    for lp_neg in (-1.0, -50.0, 0.0):
+        logps = torch.tensor([-6.0, lp_neg], dtype=torch.float64, requires_grad=True)
+        ref = torch.tensor([-5.0, -4.0], dtype=torch.float64)
+        loss = kernels.dard_loss_from_logps(logps, ref, torch.tensor([0.9], dtype=torch.float64), 0.1, 1.0,
+                                            torch.tensor([3]), torch.tensor([0.0]))
+        assert loss.item() == pytest.approx(2.0, rel=1e-12)
+        loss.backward()
+        assert logps.grad.tolist() == pytest.approx([-1 / 3, 0.0], rel=1e-12)

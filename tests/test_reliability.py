@@ -181,7 +181,7 @@ def test_state_round_trip_is_exact(tmp_path):
 # 2. Every message is checked by its receiver
 
 def test_receive_refuses_each_kind_of_bad_message():
-    cfg = dict(method="lada", max_new_tokens=8, max_len=64)
+    cfg = dict(method="lada-v1", max_new_tokens=8, max_len=64)
     qs = ["q1", "q2", "q3"]
     good = {"y_slm": ["a", "b", "c"], "logp_slm_yslm": torch.tensor([-1.0, -2.0, -3.0]),
             "logp_slm_yllm": torch.tensor([-4.0, -5.0, -6.0])}
@@ -265,7 +265,7 @@ def test_hostile_clients_are_refused_and_the_round_goes_on(reference, tmp_path, 
         assert f"down/{name}" not in r["selected"] and f"up/{name}" not in r["selected"]  # nothing of it was used
     for r in res["rounds"]:  # the honest client's round is whole, and no one else failed
         assert set(r["errors"]) == set(HOSTILE)
-        assert {"down/slm1", "up/slm1"} <= set(r["selected"]) and "dard/slm1" in r["loss"]
+        assert {"down/slm1", "up/slm1"} <= set(r["selected"]) and "dard2/slm1" in r["loss"]
         assert all(v == v for v in r["loss"].values())  # no NaN reached a loss
 
 
