@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from answers import extract_answer
+
 PROMPT = "Question: {question}\nAnswer:\n"  # a path y is the text that follows the prompt; EOS ends it
 
 
@@ -115,7 +117,7 @@ SOLUTION = {
     "buy_part": ["{k} {xs} make {k} * {c} = <<{k}*{c}={m}>>{m}."],
 }
 SUBJECT = ["That leaves", "Now there is", "The total is"]
-# What a private-only domain holds that no other domain shows (the testbed's knowledge split, README
+# What a private-only domain holds that no other domain shows (the testbed's knowledge split, docs/study.md,
 # "The testbed"): a question asks for it in words, and only the domain's own solutions say what it
 # is, in a last line before "#### N". The LLM has never seen such a solution, so it cannot work this
 # line out from the other domains; a client's data teach it.
@@ -239,7 +241,7 @@ def make_splits(num_clients: int, n_public: int, n_private: int, n_test: int, n_
     is in two splits (nor twice in one), and neither the server's splits nor client k's depend on
     how many clients follow (so `one2one` shares the LLM and client 1 of `hetero`).
 
-    private_only (the testbed's knowledge split, README "The testbed"): domains whose solutions
+    private_only (the testbed's knowledge split, docs/study.md, "The testbed"): domains whose solutions
     only the clients hold. `general` has none of them; the public pool holds their questions with
     the final answer alone ("#### N", marked "answer_only": every party can check a path, none can
     train on a solution); each client's mix gives them exactly private_only_share in all (equal
@@ -325,9 +327,7 @@ def _read_records(path: Path):
 
 def _load(path, qkey: str, akey: str, strict: bool) -> list[dict]:
     """Records with a non-empty question and an answer that holds a gradable number ("#### N" with
-    strict, any number otherwise; eval.extract_answer)."""
-    from eval import extract_answer
-
+    strict, any number otherwise; answers.extract_answer)."""
     path = Path(path)
     out = []
     for i, r in _read_records(path):

@@ -271,7 +271,7 @@ class LearnabilityFilter:
         (EE-Net instead keeps, for each sample, the residual of the f1 that picked it. With 10 epochs
         over all history per round f1 moves far between rounds, and those stale targets cost ~0.02 mean
         reward against f1 alone on our linear and nonlinear bandits (6 seeds, every seed worse), where
-        this version is within ±0.01 of f1 alone. An [ours] choice for the README.)
+        this version is within ±0.01 of f1 alone. An [ours] choice: docs/choices.md.)
         These in-sample residuals are small (f1 has fitted those very samples: f2's outputs have std
         ~0.02). Out-of-fold residuals were tried (commit df62896: K = 5 fixed folds, each with a copy
         of f1 from the same init never trained on its fold; f2 on (g under the full f1, r − f1_fold)):

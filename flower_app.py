@@ -4,16 +4,16 @@
     flower-superlink --insecure --disable-runtime-dependency-installation            # the server
     flower-supernode --insecure --superlink SERVER:8000 --node-config "party='slm1'" # client 1's site
     ...                                                                              # one per SLM
-    flwr run . lada --stream --run-config "flags='--scenario hetero --smoke'"        # README: the connection
+    flwr run . lada --stream --run-config "flags='--scenario hetero --smoke'"        # docs/flower.md: the connection
 
-The ServerApp holds the LLM, the public data and the up-filters F_k^up and drives the round (steps 2,
-4, 5', 6', 7'); each ClientApp holds one SLM (chosen by the node's `party`), its private data and its
-down-filter F_k^down (steps 1, 3, 5, 6, 7). They call protocol.py's step functions; what crosses is
-exactly the SCHEMA dicts of protocol.py, checked and counted by its `send`, encoded losslessly into
-Flower records (`pack`/`unpack`), plus a small report per client (its counts, losses and accuracy,
-for the log). `flags` are federated.py's flags and resolve the same way on every machine, so the same
-flags give the same results as `python federated.py`: every party draws from random.Random(seed,
-round, party), generation is seeded per call, and the round's order of server-side draws is kept.
+Transport only. The ServerApp holds the LLM, the public data and the up-filters F_k^up and plays each
+round with federated.play_round, whose `call` (`flower_call`) carries a stage's messages to the
+clients and their checked replies back; each ClientApp holds one SLM (chosen by the node's `party`),
+its private data and its down-filter F_k^down, and answers each stage with protocol.client_exchange.
+What crosses is exactly messages.SCHEMA's dicts, encoded losslessly into Flower records
+(`pack`/`unpack`), plus a small report per client (its counts, losses and accuracy, filed under its
+own name). `flags` are federated.py's flags and resolve the same way on every machine, so the same
+flags give the same results as `python federated.py`.
 
 Flower starts a fresh ClientApp process for every message, so a client keeps its state on disk in
 <dir>/<name of --out>/<party>/ (node config `dir`, default the SuperNode's working directory):
@@ -37,7 +37,15 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import federated as F
+import messages as M
+import parties as PT
 import protocol as P
+import runs
+from config import config_from_flags
+from data import DataError
+from distill import autocast
+from methods import SCENARIOS, uses_filter
+from models import ModelError
 
 CLIENT_ERROR = 2  # the code of Flower's own "ClientApp raised an exception" error
 
@@ -112,7 +120,7 @@ def config_of(run_config, node_config=None) -> dict:
         if node_config and k in node_config:
             argv += [f"--{k}", str(node_config[k])]
     try:
-        cfg, notice = F.config_from_flags(argv)
+        cfg, notice = config_from_flags(argv)
     except SystemExit:  # argparse said what was wrong on stderr
         raise ValueError(f"bad flags: {' '.join(argv)}") from None
     if notice:
@@ -121,21 +129,18 @@ def config_of(run_config, node_config=None) -> dict:
 
 
 def slm_names(cfg) -> list[str]:
-    n = len(cfg["slms"].split(",")) if cfg["slms"] else len(F.party_specs(cfg)) - 1
-    return [f"slm{k + 1}" for k in range(n)]
+    return [f"slm{k + 1}" for k in range(PT.n_clients(cfg))]
 
 
 def autocast_of(cfg):
-    from distill import autocast
-
     return autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA, as in federated.run
 
 
 def build(cfg, names):
     """The parties in `names`, built exactly as federated.run builds them (same data, seeds, cache)."""
-    splits = F.make_data(cfg, len(slm_names(cfg)))
+    splits = PT.make_data(cfg, len(slm_names(cfg)))
     with autocast_of(cfg):
-        return F.build_parties(cfg, splits, only=names)
+        return PT.build_parties(cfg, splits, only=names)
 
 
 # -----------------------------------------------------------------------------
@@ -146,8 +151,8 @@ client = ClientApp()
 
 def client_party(cfg, name):
     party = build(cfg, [name])[name]
-    if P.uses_filter(cfg["method"]):
-        party.filters["down"] = F.new_filter(cfg, int(name[3:]) - 1, "down")
+    if uses_filter(cfg["method"]):
+        party.filters["down"] = PT.new_filter(cfg, int(name[3:]) - 1, "down")
     return party
 
 
@@ -164,7 +169,7 @@ def restore(cfg, party, cdir: Path, rnd: int) -> int:
                          "use another --out, or --resume")
     for d, r in sorted(have.items(), key=lambda kv: -kv[1]):
         if r < rnd:
-            F.load_checkpoint(d.parent, cfg, {party.name: party.model}, {party.name: party.opt}, down_filters(party))
+            runs.load_checkpoint(d.parent, cfg, {party.name: party.model}, {party.name: party.opt}, down_filters(party))
             return r
     return 0
 
@@ -173,12 +178,12 @@ def down_filters(party):
     return {f"down/{party.name}": party.filters["down"]} if "down" in party.filters else {}
 
 
-def save_work(cdir, party, rnd, rng, offer, report):
+def save_work(cdir, party, rnd, rng):
     """The round in progress (between two messages), in one atomic write."""
     tmp = cdir / "work.pt.tmp"
     torch.save(dict(round=rnd, model=party.model.state_dict(), opt=party.opt.state_dict(),
                     filters={k: f.state_dict() for k, f in down_filters(party).items()}, rng=rng.getstate(),
-                    state=party.state, offer=offer, report=report), tmp)
+                    state=party.state), tmp)
     os.replace(tmp, cdir / "work.pt")
 
 
@@ -193,13 +198,13 @@ def load_work(cdir, party, rnd):
     party.state = w["state"]
     rng = random.Random()
     rng.setstate(w["rng"])
-    return rng, w["offer"], w["report"]
+    return rng
 
 
 def finish(cfg, party, cdir, rnd, report) -> dict:
     """The client's end of round: its evaluation and its checkpoint (the one before kept as prev/)."""
     with autocast_of(cfg):
-        report["eval"] = F.evaluate(cfg, party, rnd)
+        report["eval"] = runs.evaluate(cfg, party, rnd)
     ck = cdir / "ckpt"
     if ck.exists():  # keep the round before as prev/ckpt: the directory that the link ckpt names
         shutil.rmtree(cdir / "prev", ignore_errors=True)
@@ -208,8 +213,8 @@ def finish(cfg, party, cdir, rnd, report) -> dict:
         if ck.is_symlink():
             ck.unlink()
     n = party.name
-    F.save_checkpoint(cdir, cfg, rnd, {n: party.model}, {n: party.tok}, {n: party.opt}, down_filters(party),
-                      {"party": n, "round": rnd, "report": report})
+    runs.save_checkpoint(cdir, cfg, rnd, {n: party.model}, {n: party.tok}, {n: party.opt}, down_filters(party),
+                         {"party": n, "round": rnd, "report": report})
     (cdir / "work.pt").unlink(missing_ok=True)
     return report
 
@@ -227,9 +232,10 @@ def client_stage(stage, msg, context) -> Message:
         cdir.mkdir(parents=True, exist_ok=True)
         with open(cdir / ".lock", "w") as lock:  # one stage at a time (one of a stopped run may still be finishing)
             fcntl.flock(lock, fcntl.LOCK_EX)
-            out_meta, out = STAGES[stage](cfg, name, cdir, meta, got)
+            out_meta, out = (stage_setup(cfg, name, cdir, meta, got) if stage == "setup" else
+                             stage_round(stage, cfg, name, cdir, meta, got))
         for kind, m in out.items():  # the schema check of what leaves this machine
-            P.send(m, kind, {}, "up")
+            M.send(m, kind, {}, "up")
         return Message(pack(out, **out_meta), reply_to=msg)
     except Exception as e:
         traceback.print_exc()
@@ -242,62 +248,30 @@ def stage_setup(cfg, name, cdir, meta, got):
         return dict(party=name), {}
     party = client_party(cfg, name)
     with autocast_of(cfg):
-        ev = F.initial_evaluation(cfg, party)  # read from the warm-up cache when there
+        ev = runs.initial_evaluation(cfg, party)  # read from the warm-up cache when there
     return dict(party=name, info=party.info, eval=ev), {}
 
 
-def start_round(cfg, name, cdir, rnd):
-    """1. The local step, from the last finished round (federated.run: rng and torch seed per round)."""
-    party = client_party(cfg, name)
-    restore(cfg, party, cdir, rnd)
-    rng = random.Random(f"{cfg['seed']}-{rnd}-{name}")  # the party's own randomness, as in federated.run
-    torch.manual_seed(cfg["seed"] * 1000 + rnd)
-    with autocast_of(cfg):
-        loss = P.local_step(party, cfg, rng)
-    return party, rng, {"losses": {f"local/{name}": loss}}
-
-
-def stage_local(cfg, name, cdir, meta, got):
-    """1. then, with FedAvg (homo), the SLM's weights go up."""
-    party, rng, report = start_round(cfg, name, cdir, meta["round"])
-    save_work(cdir, party, meta["round"], rng, None, report)
-    return dict(report=report), {"weights": {"state_dict": party.model.state_dict()}}
-
-
-def stage_answer(cfg, name, cdir, meta, got):
-    """(FedAvg's weights in,) 3. the client's paths and scores for the pool; without a pool (method
-    local or fedavg) the round ends here."""
+def stage_round(stage, cfg, name, cdir, meta, got):
+    """One exchange of the round at this client (protocol.client_exchange), between the client's state on
+    disk: the round starts from the last finished round (with "local", or "answer" without FedAvg) or
+    goes on from the work in progress; it ends with the client's evaluation and checkpoint (`finish`)."""
     rnd = meta["round"]
-    if "weights" in got:  # after stage_local
-        party = client_party(cfg, name)
-        rng, _, report = load_work(cdir, party, rnd)
-        sd = party.model.state_dict()
-        party.model.load_state_dict({k: v.to(sd[k].dtype) for k, v in got["weights"]["state_dict"].items()})
+    party = client_party(cfg, name)
+    if stage == "learn" or (stage == "answer" and "weights" in got):
+        rng = load_work(cdir, party, rnd)
     else:
-        party, rng, report = start_round(cfg, name, cdir, rnd)
-    if "pool" not in got:
-        return dict(report=finish(cfg, party, cdir, rnd, report)), {}
-    pool = P.receive(got["pool"], "pool", min(cfg["pool_size"], len(party.public)), cfg, party.gold)  # checked first
+        restore(cfg, party, cdir, rnd)
+        rng = random.Random(f"{cfg['seed']}-{rnd}-{name}")  # the party's own randomness, as in federated.run
+        torch.manual_seed(cfg["seed"] * 1000 + rnd)
     with autocast_of(cfg):
-        reply = P.client_answer(party, pool, cfg, rnd, int(name[3:]) - 1)
-    save_work(cdir, party, rnd, rng, pool, report)
-    return dict(report=report), {"client_paths": reply}
+        report, out = P.client_exchange(stage, party, got, cfg, rnd, rng)
+    if stage == "local" or (stage == "answer" and out):  # the round goes on at this client
+        save_work(cdir, party, rnd, rng)
+        return dict(report=report), out
+    return dict(report=finish(cfg, party, cdir, rnd, report)), out
 
 
-def stage_learn(cfg, name, cdir, meta, got):
-    """5, 6, 7: F_k^down picks, the SLM distills, re-scores and rewards; then evaluation and checkpoint."""
-    rnd = meta["round"]
-    party = client_party(cfg, name)
-    rng, offer, report = load_work(cdir, party, rnd)
-    score = P.receive(got["llm_score"], "llm_score", len(offer["questions"]), cfg)  # checked first
-    with autocast_of(cfg):
-        learned = P.client_learn(party, offer, score, cfg, rng)
-    report.update(selected=learned["selected"], reward=learned["reward"], learn_losses=learned["losses"],
-                  plugin=learned.get("plugin"))
-    return dict(report=finish(cfg, party, cdir, rnd, report)), {}
-
-
-STAGES = {"setup": stage_setup, "local": stage_local, "answer": stage_answer, "learn": stage_learn}
 
 
 @client.query("setup")
@@ -387,9 +361,6 @@ def find_clients(grid, names, evaluate, timeout) -> tuple[dict, dict]:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    from data import DataError
-    from models import ModelError
-
     try:
         serve(grid, context)
     except (DataError, ModelError, ValueError, FileNotFoundError) as e:  # what the user gave: say it in one line
@@ -397,123 +368,71 @@ def main(grid: Grid, context: Context) -> None:
         raise  # and Flower marks the run failed
 
 
+def flower_call(grid, nodes, cfg, rnd, log, timeout, wire, evals):
+    """`call` of federated.play_round over Flower: each client's messages of a stage go out as Flower
+    records (checked and counted by messages.send), the replies come back checked (messages.receive)
+    before any use; a client that fails, times out or sends what is refused is skipped for the round.
+    A client's report is filed under its own name (RoundLog.learned); its evaluation, sent with the
+    report at its round's end, goes to `evals`."""
+    def call(stage, msgs):
+        for down in msgs.values():
+            for kind, m in down.items():
+                M.send(m, kind, log.traffic, "down")
+        replies = {}
+        for n, (meta, up) in exchange(grid, nodes, stage, rnd, msgs, log.errors, timeout, wire).items():
+            try:
+                for kind, m in up.items():
+                    M.send(m, kind, log.traffic, "up")
+                if "client_paths" in up:  # the server's check of a reply before any use
+                    up["client_paths"] = M.receive(up["client_paths"], "client_paths", len(msgs[n]["pool"]["questions"]), cfg)
+                log.learned(n, "down", meta["report"])
+                if "eval" in meta["report"]:
+                    evals[n] = meta["report"]["eval"]
+                replies[n] = up
+            except Exception as e:
+                log.skip(n, e)
+        return replies
+    return call
+
+
 def serve(grid: Grid, context: Context) -> None:
-    """The server's side of federated.run: setup, then `for rnd in range(start + 1, rounds + 1)`."""
+    """The server's side of federated.run: setup, then `for rnd in range(start + 1, rounds + 1)`, each
+    round federated.play_round over `flower_call`."""
     cfg = config_of(context.run_config)
     timeout = float(context.run_config.get("timeout", 3600))  # seconds a stage waits for the clients' replies
-    out, amp = F.open_run(cfg)
-    dev = cfg["device"]
-    alloc, _ = F.METHODS[cfg["method"]]
-    frozen_llm = cfg["scenario"] == "llm2slm"  # only the LLM -> SLM direction
-    fedavg = cfg["scenario"] == "homo" and cfg["method"] != "local"
-    names = slm_names(cfg)
-    setup_times = {}
+    out, amp = runs.open_run(cfg)
+    dev, names, setup_times = cfg["device"], slm_names(cfg), {}
 
     # --- the LLM (warmed up or cached) and its up-filters; the clients' SuperNodes
-    with F.phase(setup_times, "warm-up", dev):
+    with runs.phase(setup_times, "warm-up", dev):
         server = build(cfg, ["llm"])["llm"]
-    if P.uses_filter(cfg["method"]) and not frozen_llm:
+    if uses_filter(cfg["method"]) and SCENARIOS[cfg["scenario"]]["llm_learns"]:
         for k, n in enumerate(names):
-            server.filters[f"up/{n}"] = F.new_filter(cfg, k, "up")
-    resume = cfg["resume"] and (out / "ckpt").exists()
+            server.filters[f"up/{n}"] = PT.new_filter(cfg, k, "up")
+    resume = cfg["resume"] and runs.has_checkpoint(out)
     nodes, setup = find_clients(grid, names, not resume, timeout)
     start = 0
     if resume:
-        start, results = F.load_checkpoint(out, cfg, {"llm": server.model}, {"llm": server.opt}, server.filters)
+        start, results = runs.load_checkpoint(out, cfg, {"llm": server.model}, {"llm": server.opt}, server.filters)
         print(f"resuming after round {start}")
     else:
-        with amp, F.phase(setup_times, "evaluation", dev):
-            ev = F.initial_evaluation(cfg, server)
-        results = F.new_results(cfg, {"llm": server.info, **{n: setup[n]["info"] for n in names}},
-                                F.merge_evaluations([ev] + [setup[n]["eval"] for n in names]), setup_times)
-    F.show_start(out, results)
+        with amp, runs.phase(setup_times, "evaluation", dev):
+            ev = runs.initial_evaluation(cfg, server)
+        results = runs.new_results(cfg, {"llm": server.info, **{n: setup[n]["info"] for n in names}},
+                                   runs.merge_evaluations([ev] + [setup[n]["eval"] for n in names]), setup_times)
+    runs.show_start(out, results)
 
     t_rounds = time.time()
     for rnd in range(start + 1, cfg["rounds"] + 1):
-        t0 = time.time()
-        rng = random.Random(f"{cfg['seed']}-{rnd}-llm")  # the LLM's own randomness, as in federated.run
-        torch.manual_seed(cfg["seed"] * 1000 + rnd)
-        traffic, selected, rewards, losses, errors, times, wire, reports, plugin = {}, {}, {}, {}, {}, {}, {}, {}, {}
-        ex = lambda stage, payloads: exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire)
-
-        def skip(n, e):  # federated.run's handling of a failing client
-            errors[n] = f"{type(e).__name__}: {e}"
-            print(f"round {rnd}: client {n} failed and is skipped ({errors[n]})", file=sys.stderr, flush=True)
-
+        log, wire, evals = runs.RoundLog(rnd, dev), {}, {}
         with amp:
-            # --- 1. local step: the LLM here, each SLM at its site (in its first message of the round)
-            if not frozen_llm:
-                with F.phase(times, "local", dev):
-                    losses["local/llm"] = P.local_step(server, cfg, rng)
-            down = {n: {} for n in names}  # what each client's "answer" message carries
-            if fedavg:  # FedAvg of the SLMs, after their local step
-                with F.phase(times, "1 clients: local", dev):
-                    got = ex("local", down)
-                down = {}
-                for n, (_, msgs) in got.items():
-                    try:
-                        down[n] = {"weights": P.send(msgs["weights"], "weights", traffic, "up")}
-                    except Exception as e:
-                        skip(n, e)
-                with F.phase(times, "fedavg", dev):
-                    avg = F.average([m["weights"]["state_dict"] for m in down.values()]) if down else {}
-                for n in down:
-                    P.send({"state_dict": avg}, "weights", traffic, "down")
-                    down[n]["weights"] = {"state_dict": avg}
-
-            # --- 2, 3: the pool goes down, the clients' paths come up
-            if alloc is not None:
-                with F.phase(times, "2 server_offer", dev):
-                    offer = P.server_offer(server, cfg, rnd, rng)
-                for n in down:
-                    down[n]["pool"] = P.send(offer, "pool", traffic, "down")
-            with F.phase(times, "1, 3 clients: local, client_answer", dev):
-                got = ex("answer", down)
-            for n, (meta, _) in got.items():
-                reports[n] = meta["report"]
-                losses.update(meta["report"]["losses"])
-
-            if alloc is not None:
-                # --- 4: the LLM scores each client's paths
-                scores = {}
-                for n, (_, msgs) in got.items():
-                    try:
-                        reply = P.receive(P.send(msgs["client_paths"], "client_paths", traffic, "up"), "client_paths",
-                                          len(server.state["qs"]), cfg)  # checked before any use
-                        with F.phase(times, "4 server_score", dev):
-                            scores[n] = {"llm_score": P.send(P.server_score(server, n, reply, cfg), "llm_score",
-                                                             traffic, "down")}
-                    except Exception as e:
-                        skip(n, e)
-                # --- 5, 6, 7 at each client; 5' here, per client, in the clients' order
-                with F.phase(times, "5-7 clients: client_learn", dev):
-                    got = ex("learn", scores)
-                for n, (meta, _) in got.items():
-                    rep = reports[n] = meta["report"]
-                    selected[f"down/{n}"] = rep["selected"]
-                    if rep.get("plugin"):
-                        plugin[f"down/{n}"] = rep["plugin"]
-                    losses.update({f"{key}/{n}": v for key, v in rep["learn_losses"].items()})
-                    if rep["reward"] is not None:
-                        rewards[f"down/{n}"] = rep["reward"]
-                    if not frozen_llm:
-                        with F.phase(times, "5' server_pick", dev):
-                            selected[f"up/{n}"] = len(P.server_pick(server, n, cfg, rng))
-                if not frozen_llm:
-                    with F.phase(times, "6'-7' server_learn", dev):
-                        learned = P.server_learn(server, cfg, rng)
-                    losses.update({f"{key}/llm": v for key, v in learned["losses"].items()})
-                    rewards.update({f"up/{n}": r for n, r in learned["rewards"].items()})
-                    plugin.update(learned.get("plugin", {}))
-
+            F.play_round(server, names, cfg, rnd, flower_call(grid, nodes, cfg, rnd, log, timeout, wire, evals), log)
         # --- evaluation (the LLM here; each client evaluated itself at its round's end), log, checkpoint
-        with amp, F.phase(times, "evaluation", dev):
-            ev = F.evaluate(cfg, server, rnd)
-        done = [n for n in names if "eval" in reports.get(n, {})]
-        entry = F.round_entry(rnd, F.merge_evaluations([ev] + [reports[n]["eval"] for n in done]),
-                              selected, rewards, losses, traffic, errors, t0, times, plugin)
+        with amp, log.phase("evaluation"):
+            ev = runs.evaluate(cfg, server, rnd)
+        entry = log.entry(runs.merge_evaluations([ev] + [evals[n] for n in names if n in evals]))
         entry["records"] = wire  # bytes of the Flower records (arrays with .npy headers, text, per-message meta)
-        F.end_round(out, cfg, results, entry,
-                    lambda: F.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},
-                                              {"llm": server.opt}, server.filters, results), start, t_rounds)
-    print(F.write_report(out, results))
+        runs.end_round(out, cfg, results, entry,
+                       lambda: runs.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},
+                                                    {"llm": server.opt}, server.filters, results), start, t_rounds)
+    print(runs.write_report(out, results))

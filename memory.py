@@ -29,11 +29,13 @@ from a checkpoint's config.json without reading its weights), so the check runs 
 checkpoint is loaded.
 """
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from lora import targets, uses_lora
+import config
+from lora import check_parties, targets, uses_lora
 from models import ModelError, check_causal_lm
 
 GB = 1e9
@@ -261,19 +263,14 @@ def check(cfg, models: dict, strict=True, out=print) -> dict:
 def main(argv=None) -> int:
     """python memory.py --llm DIR --slms DIR,DIR [federated.py flags]: the plan of a run with these
     checkpoints, from their config.json alone (no weights read; --device cuda works without a GPU)."""
-    import sys
-
-    import federated
-
-    args = federated.parse_args(argv)
+    args = config.parse_args(argv)
     args.preset = args.preset or ("smoke" if args.smoke else "default")
     try:
-        cfg = federated.resolve_config(args)
+        cfg = config.resolve_config(args)
         if not (cfg["llm"] and cfg["slms"]):
             raise ValueError("give --llm DIR and --slms DIR,DIR (checkpoint directories; config.json is enough)")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")
         names = ["llm"] + [f"slm{k + 1}" for k in range(len(dirs) - 1)]
-        from lora import check_parties
         check_parties(cfg, names)
         models = {n: meta_model(d) for n, d in zip(names, dirs)}
         if cfg["device"].startswith("cuda") and not torch.cuda.is_available():

@@ -1,162 +1,33 @@
-"""protocol.py: the round of spec §2 as its messages and its steps, each side apart.
+"""protocol.py: the steps of spec §2's round, each side apart.
 
-A method is a choice of allocation and of loss (METHODS, spec §2's table). Everything that crosses
-between the server (the LLM) and a client (an SLM) is a message dict of SCHEMA: `send` checks and
-counts it, `receive` is the receiver's check before any use. Each step of the round is one function
-of its side, `server_*` or `client_*` (plus `local_step`, which every party runs), taking the
-messages it receives and returning the message it sends; what a party keeps to itself stays in its
-`state`. `federated.run` calls these in order in one process; `flower_app.py` calls the same
-functions on each side of a network.
+Each step is one function of its side, `server_*` or `client_*` (plus `local_step`, which every party
+runs), taking the messages it receives (messages.SCHEMA dicts) and returning the message it sends;
+what a party keeps to itself stays in its `state`. `client_exchange` is a client's whole side of one
+message exchange (stage): `federated.play_round` drives the round through it, by function calls in
+one process or over Flower (flower_app.py) on each client's machine.
 """
 import torch
 
-# method -> (allocation, loss) of the host loop; spec §2's table (v1) and §4''s (v2)
-METHODS = {"local": (None, None), "fedmkt": ("fedmkt", "sft"),
-           # LaDa v2 (spec §4'): the host fedmkt, unchanged, plus a plug-in (PLUGIN) on a subset of its allocation
-           "lada": ("fedmkt", "sft"), "lada-random": ("fedmkt", "sft"), "lada-sft": ("fedmkt", "sft"),
-           "lada-nofilter": ("fedmkt", "sft"),
-           # LaDa v1 (spec §2-§4), kept so that the recorded grid reproduces (its result files say lada,
-           # lada-filter, lada-loss: see compare.V1)
-           "lada-v1": ("filter", "dard"), "lada-v1-filter": ("filter", "sft"), "lada-v1-loss": ("all", "dard"),
-           "random": ("random", "dard"),
-           "fedavg": (None, None),  # homo only: FedAvg of the SLMs and nothing else (`local` has no FedAvg)
-           "oracle": ("oracle", "sft")}  # the testbed's headroom check: every correct teacher path of the pool
-# v2 method -> (the plug-in's pick A_k from the host's H_k, the plug-in's loss); spec §4''s table
-PLUGIN = {"lada": ("filter", "dard2"), "lada-random": ("random", "dard2"), "lada-sft": ("filter", "sft"),
-          "lada-nofilter": ("all", "dard2")}
-
-
-def uses_filter(method: str) -> bool:
-    """Does the method have LaDa filters (one per client and direction)?"""
-    return METHODS[method][0] == "filter" or PLUGIN.get(method, (None,))[0] == "filter"
-
-
-# -----------------------------------------------------------------------------
-# Messages: everything that crosses between server and clients is one of these dicts (spec §2)
-
-SCHEMA = {  # message kind -> allowed fields; only public questions, path texts and per-sample scalars
-    "pool": {"questions", "y_llm", "logp_llm_yllm", "nll_gold_llm"},
-    "client_paths": {"y_slm", "logp_slm_yslm", "logp_slm_yllm", "nll_gold_slm"},
-    "llm_score": {"logp_llm_yslm"},
-    "weights": {"state_dict"},  # homo only: FedAvg of SLM weights (FedMKT's homogeneous setting)
-}
-
-
-def send(msg: dict, kind: str, traffic: dict, direction: str) -> dict:
-    """Check a message against SCHEMA and count its bytes (UTF-8 text, 4 bytes per scalar)."""
-    extra = set(msg) - SCHEMA[kind]
-    if extra:
-        raise RuntimeError(f"message '{kind}' carries fields outside the protocol: {sorted(extra)}")
-    traffic[direction] = traffic.get(direction, 0) + message_bytes(msg)
-    return msg
-
-
-def message_bytes(msg: dict) -> int:
-    n = 0
-    for v in msg.values():
-        if isinstance(v, dict):
-            n += sum(t.numel() * t.element_size() for t in v.values())
-        elif isinstance(v, torch.Tensor):
-            n += 4 * v.numel()
-        else:
-            n += sum(len(s.encode("utf-8", "surrogatepass")) if isinstance(s, str) else 4 for s in v)
-    return n
-
-
-# What a receiver accepts (`receive`): the fields of each kind (the gold NLLs only with fedmkt), what
-# each field holds, and the caps. A path has at most max_new_tokens tokens, so at most
-# MAX_CHARS_PER_TOKEN * max_new_tokens characters; a question at most MAX_CHARS_PER_TOKEN * max_len.
-FIELD_TYPE = {"questions": "question", "y_llm": "path", "y_slm": "path", "logp_llm_yllm": "logp",
-              "logp_slm_yslm": "logp", "logp_slm_yllm": "logp", "logp_llm_yslm": "logp", "nll_gold_llm": "nll",
-              "nll_gold_slm": "nll"}
-GOLD_FIELDS = {"nll_gold_llm", "nll_gold_slm"}
-MAX_CHARS_PER_TOKEN = 32
-MAX_MESSAGE_BYTES = 64 * 2**20  # a transport refuses a larger message before reading it
-
-
-class BadMessage(ValueError):
-    """A message its receiver refuses; the text says which field and why."""
-
-
-def receive(msg, kind: str, n_questions: int, cfg, known_questions=None) -> dict:
-    """The receiver's check of a message before any use of it; returns it (score lists as float
-    tensors) or raises BadMessage. Exactly the fields of `kind` for this method; each field one entry
-    per pooled question (n_questions, which the receiver knows itself); texts are str, at most
-    MAX_CHARS_PER_TOKEN * max_new_tokens characters a path and * max_len a question, questions among
-    known_questions (D_pub) when given; log-probs finite and <= 0, gold NLLs finite and >= 0; at most
-    MAX_MESSAGE_BYTES in all. The in-process loop calls it on every message; a transport calls it on
-    what arrives."""
-    if not isinstance(msg, dict):
-        raise BadMessage(f"'{kind}' is a {type(msg).__name__}, not a dict")
-    want = SCHEMA[kind] - (set() if METHODS[cfg["method"]][0] == "fedmkt" else GOLD_FIELDS)
-    missing, extra = want - set(msg), set(msg) - want
-    if missing or extra:
-        raise BadMessage(f"'{kind}' has " + "; ".join(
-            ([f"missing fields {sorted(missing)}"] if missing else []) +
-            ([f"fields outside the protocol {sorted(map(str, extra))}"] if extra else [])))
-    out = {}
-    for f in sorted(want):
-        v, typ = msg[f], FIELD_TYPE[f]
-        if typ in ("question", "path"):
-            if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-                raise BadMessage(f"'{kind}'.{f} must be a list of strings")
-        else:
-            if isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-                v = torch.tensor(v, dtype=torch.float32)
-            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() != 1:
-                raise BadMessage(f"'{kind}'.{f} must be a 1-D float tensor (or list of numbers)")
-        if len(v) != n_questions:
-            raise BadMessage(f"'{kind}'.{f} has {len(v)} entries for {n_questions} pooled questions")
-        out[f] = v
-    size = message_bytes(out)
-    if size > MAX_MESSAGE_BYTES:
-        raise BadMessage(f"'{kind}' is {size / 2**20:.1f} MiB, above the cap of {MAX_MESSAGE_BYTES // 2**20} MiB")
-    for f, v in out.items():
-        typ = FIELD_TYPE[f]
-        if typ in ("question", "path"):
-            cap = MAX_CHARS_PER_TOKEN * cfg["max_new_tokens" if typ == "path" else "max_len"]
-            i = next((i for i, s in enumerate(v) if len(s) > cap), None)
-            if i is not None:
-                raise BadMessage(f"'{kind}'.{f}[{i}] has {len(v[i])} characters, above the cap of {cap}")
-            try:
-                for s in v:
-                    s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise BadMessage(f"'{kind}'.{f} holds text that is not valid Unicode") from None
-            if typ == "question" and known_questions is not None:
-                i = next((i for i, q in enumerate(v) if q not in known_questions), None)
-                if i is not None:
-                    raise BadMessage(f"'{kind}'.{f}[{i}] is not a public question")
-        else:
-            bad = ~torch.isfinite(v)
-            if bad.any():
-                i = int(bad.nonzero()[0])
-                raise BadMessage(f"'{kind}'.{f}[{i}] is {v[i].item()}, not a finite number")
-            wrong = v > 1e-3 if typ == "logp" else v < -1e-3  # a log-prob is <= 0, an NLL >= 0
-            if wrong.any():
-                i = int(wrong.nonzero()[0])
-                raise BadMessage(f"'{kind}'.{f}[{i}] is {v[i].item():.4g}, but a {'log-prob is <= 0' if typ == 'logp' else 'NLL is >= 0'}")
-    return out
-
-
-
+import eval as ev
+from data import format_prompt
+from distill import dard_v2_pair, distill, distill_plugin, local_sft, score_paths, teacher_targets
+from filter import learnability_reward, project_embeddings, sample_features
+from lora import is_lora
+from messages import receive
+from methods import METHODS, PLUGIN, SCENARIOS, uses_filter
+from models import mean_hidden
 
 # -----------------------------------------------------------------------------
 # What one party does with a set of questions: its paths, their scores, their correctness
 
 def score(cfg, party, questions, paths):
     """(summed log-probs, token counts) of each path under the party's model (distill.score_paths)."""
-    from distill import score_paths
-
     return score_paths(party.model, party.tok, questions, paths, cfg["score_batch"], cfg["device"])
 
 
 def paths_and_scores(cfg, party, questions, seed):
     """A sampled path for each question (temperature gen_temperature) and its summed log-prob."""
-    from data import format_prompt
-    from eval import generate
-
-    ys = generate(party.model, party.tok, [format_prompt(q) for q in questions], max_new_tokens=cfg["max_new_tokens"],
+    ys = ev.generate(party.model, party.tok, [format_prompt(q) for q in questions], max_new_tokens=cfg["max_new_tokens"],
                   temperature=cfg["gen_temperature"], batch_size=cfg["eval_batch"], seed=seed, device=cfg["device"],
                   stop_at_answer_line=cfg["stop_at_answer_line"])
     lp, n = score(cfg, party, questions, ys)
@@ -172,17 +43,11 @@ def gold_nll(cfg, party, questions):
 
 def correctness(party, questions, paths):
     """0/1 per path: does it end in the gold answer of its (public) question? (graded as --grading says)"""
-    import eval as ev
-
     return torch.tensor([float(ev.is_correct(y, party.gold[q], party.grading)) for q, y in zip(questions, paths)])
 
 
 def embeddings(cfg, party, questions):
     """The student's embedding of each question (spec §3.1): projected mean final hidden state."""
-    from data import format_prompt
-    from filter import project_embeddings
-    from models import mean_hidden
-
     h = mean_hidden(party.model, party.tok, [format_prompt(q) for q in questions], cfg["score_batch"], cfg["device"])
     return project_embeddings(h, cfg["embed_dim"], cfg["seed"])
 
@@ -239,8 +104,6 @@ def trained_on(picked, y_pos, y_neg, loss):
 def reward_and_update(cfg, student, qs, paths, idx, lp_before, n_before, correct, filt, feats, emb):
     """Spec §2 step 7 / §3.3: the student re-scores the sent paths it trained on; the rewards update
     its filter (when it has one). Returns the mean reward."""
-    from filter import learnability_reward
-
     lp_after, n_after = score(cfg, student, [qs[i] for i in idx], [paths[i] for i in idx])
     r = learnability_reward(-lp_before[idx] / n_before[idx], -lp_after / n_after, correct[idx])
     if filt is not None:
@@ -256,8 +119,6 @@ def reward_and_update(cfg, student, qs, paths, idx, lp_before, n_before, correct
 
 def local_step(party, cfg, rng) -> float:
     """1. The party trains on its own local data (SFT, local_steps). Returns the mean loss."""
-    from distill import local_sft
-
     return local_sft(party.model, party.tok, party.opt, party.local, cfg["local_steps"], cfg["local_batch"], rng,
                      cfg["device"], lr_scale=cfg.get("local_lr_scale", 1.0))
 
@@ -271,7 +132,7 @@ def server_offer(server, cfg, rnd, rng) -> dict:
     offer = {"questions": qs, "y_llm": y, "logp_llm_yllm": lp}
     if METHODS[cfg["method"]][0] == "fedmkt":
         server.state["nll_gold"] = offer["nll_gold_llm"] = gold_nll(cfg, server, qs)
-    if uses_filter(cfg["method"]) and cfg["scenario"] != "llm2slm":  # F_k^up's context
+    if uses_filter(cfg["method"]) and SCENARIOS[cfg["scenario"]]["llm_learns"]:  # F_k^up's context
         server.state["emb"] = embeddings(cfg, server, qs)
     return offer
 
@@ -301,9 +162,6 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
     """5, 6, 7 on client k: F_k^down picks A_k (student S_k, teacher L), S_k distills on it
     (y+ = y_L, y- = y_k), re-scores y_L and updates F_k^down with the rewards.
     Returns {"selected", "reward" (None if nothing was picked), "losses"}."""
-    from distill import distill, teacher_targets
-    from filter import sample_features
-
     alloc, loss = METHODS[cfg["method"]]
     st, qs, y_llm = client.state, offer["questions"], offer["y_llm"]
     c_llm, c_k = correctness(client, qs, y_llm), correctness(client, qs, st["y"])
@@ -314,8 +172,6 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
     emb = embeddings(cfg, client, qs) if filt is not None else None
     count = client.counts.get((st.get("round"), "down"))
     if cfg["method"] in PLUGIN:  # v2: the host's H_k, the plug-in's A_k within it, one distillation (spec §4')
-        from distill import distill_plugin
-
         pick, plug_loss = PLUGIN[cfg["method"]]
         H = allocate(alloc, None, feats, None, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng)  # 5
         A = plugin_pick(pick, filt, feats, emb, H, cfg, rng, count)  # 5 (plug-in)
@@ -341,8 +197,6 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
 
 def server_pick(server, name, cfg, rng) -> list[int]:
     """5' on the server: F_k^up picks B_k (student L, teacher S_k) from client k's reply."""
-    from filter import sample_features
-
     alloc = METHODS[cfg["method"]][0]
     st, ck = server.state, server.state["clients"][name]
     reply = ck["reply"]
@@ -362,8 +216,6 @@ def server_pick(server, name, cfg, rng) -> list[int]:
 def server_learn(server, cfg, rng) -> dict:
     """6', 7' on the server: L distills on the union of the B_k (teacher S_k: y+ = y_k, y- = y_L),
     then re-scores each y_k it trained on and updates F_k^up. Returns {"losses", "rewards"}."""
-    from distill import distill, teacher_targets
-
     loss = METHODS[cfg["method"]][1]
     st = server.state
     qs, len_llm, samples = st["qs"], chars(st["y"]), []
@@ -392,8 +244,6 @@ def _server_learn_plugin(server, cfg, rng) -> dict:
     """6', 7' of v2 (spec §4'): L trains on the union of the host's H_k (SFT on y_k) plus gamma * the
     plug-in's loss on the union of the A_k (y+ = y_k, y- = y_L), in one distillation; then each F_k^up is
     rewarded for the pairs of its A_k that were trained on. Returns {"losses", "rewards", "plugin"}."""
-    from distill import dard_v2_pair, distill_plugin
-
     st, qs = server.state, server.state["qs"]
     host, pairs, owner = [], [], []  # owner[j]: (client, pool index) of pairs[j]
     for name, ck in st["clients"].items():
@@ -424,3 +274,56 @@ def _server_learn_plugin(server, cfg, rng) -> dict:
     plugin["llm"] = {k: diag[k] for k in ("dlogp_pos", "dlogp_neg")}  # the student of the up direction
     return dict(losses={k: v for k, v in got.items() if k not in ("steps", "n", "plugin")}, rewards=rewards,
                 plugin=plugin)
+
+
+# -----------------------------------------------------------------------------
+# FedAvg of the SLMs (homo: FedMKT's homogeneous setting), after their local step
+
+def shared_weights(model) -> dict:
+    """What an SLM sends for FedAvg: its trainable weights (a LoRA party's adapters; its frozen base
+    stays as loaded) or its whole state dict."""
+    if is_lora(model):
+        return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def average(state_dicts):
+    """The server's step: the entrywise mean of the SLMs' shared weights (float32)."""
+    with torch.no_grad():
+        return {k: torch.stack([sd[k].float() for sd in state_dicts]).mean(0) for k in state_dicts[0]}
+
+
+def load_shared(model, avg: dict):
+    """Take the average into the model, each tensor in the model's own dtype."""
+    sd = model.state_dict()
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(sd[k].dtype) for k, v in avg.items()}, strict=not is_lora(model))
+
+
+# -----------------------------------------------------------------------------
+# A client's side of each exchange of the round. stage -> (its report, the messages it sends back);
+# the report holds its own figures only (unprefixed: the server files them under the client's name).
+
+def client_exchange(stage: str, client, msgs: dict, cfg, rnd: int, rng) -> tuple[dict, dict]:
+    """"local" (FedAvg rounds): 1, then its weights go up. "answer": FedAvg's average in (or else 1),
+    then, with a pool, 3 (the client's paths and scores). "learn": 5, 6, 7 on the LLM's scores."""
+    if stage == "local":
+        return {"losses": {"local": local_step(client, cfg, rng)}}, {"weights": {"state_dict": shared_weights(client.model)}}
+    if stage == "answer":
+        report = {"losses": {}}
+        if "weights" in msgs:  # the local step ran in "local"
+            load_shared(client.model, msgs["weights"]["state_dict"])
+        else:
+            report["losses"]["local"] = local_step(client, cfg, rng)  # 1
+        if "pool" not in msgs:  # local, fedavg: no distillation
+            return report, {}
+        pool = receive(msgs["pool"], "pool", min(cfg["pool_size"], len(client.public)), cfg, client.gold)  # checked first
+        reply = client_answer(client, pool, cfg, rnd, int(client.name[3:]) - 1)  # 3
+        client.state["pool"] = pool
+        return report, {"client_paths": reply}
+    if stage == "learn":
+        pool = client.state["pool"]
+        score = receive(msgs["llm_score"], "llm_score", len(pool["questions"]), cfg)  # checked first
+        got = client_learn(client, pool, score, cfg, rng)  # 5, 6, 7
+        return {k: got[k] for k in ("losses", "selected", "reward", "plugin") if k in got}, {}
+    raise ValueError(f"unknown stage {stage!r}")

@@ -426,7 +426,7 @@ class _SeqLogprobFunction(torch.autograd.Function):
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Below this many logits (batch rows x length x vocabulary: 64 MB in fp32) the torch head runs on a GPU
 # too: its logits are small, and cuBLAS + cross_entropy beat the fused kernels' launches there (H200,
-# the default preset's 78-entry character SLM: 23.4 against 35.6 ms a warm-up step; README).
+# the default preset's 78-entry character SLM: 23.4 against 35.6 ms a warm-up step; docs/gpu.md).
 SMALL_HEAD_LOGITS = 2**24
 
 

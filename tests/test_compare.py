@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-import compare
+import methods
+from study import compare
 
 
 def _bits(k, n):
@@ -101,7 +102,8 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     for s in (0, 1):
         _write(res / "headroom", f"local-s{s}", _result({"llm-private": _bits(5, n), "slm1": _bits(5, n)}))
         _write(res / "headroom", f"oracle-s{s}", _result({"llm-private": _bits(15, n), "slm1": _bits(15, n)}))
-    (tmp_path / "README.md").write_text(f"# x\n<!-- tables:{compare.PRESET}:begin -->\nold\n<!-- tables:{compare.PRESET}:end -->\nend\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "study.md").write_text(f"# x\n<!-- tables:{compare.PRESET}:begin -->\nold\n<!-- tables:{compare.PRESET}:end -->\nend\n")
     ran = []
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     def fake_run(scen, m, seed, extra, dest, workdir):  # a finished run leaves its result file, as run_one does
@@ -115,7 +117,7 @@ def test_grid_waits_for_the_headroom_check_of_its_seeds(tmp_path, monkeypatch, c
     assert compare.main(["--seeds", "0,1", "--scenarios", "hetero", "--methods", "local", "--workdir", str(tmp_path / "w")]) == 0
     gap = lambda s: [("one2one", m, s) for _ in ("mid", "large") for m in ("lada-loss", "lada")]  # noqa: E731
     assert ran == [("hetero", "local", 0), ("hetero", "local", 1)] + gap(0) + gap(1)  # scenario by scenario
-    readme = (tmp_path / "README.md").read_text()  # the tables land between the README's markers
+    readme = (tmp_path / "docs" / "study.md").read_text()  # the tables land between the study document's markers
     assert "old" not in readme and "Headroom: **yes**" in readme and readme.endswith("end\n")
     # the whole order: every scenario without lada-loss (random after lada, fedavg in homo only), then the
     # gap runs; the scenarios' lada-loss runs (the costliest, read by no hypothesis) only when asked, last
@@ -464,7 +466,7 @@ def test_v1_labels_rerun_as_v1_methods_and_v2_runs_as_v2(tmp_path, monkeypatch):
     for m in ("lada", "lada-sft"):
         compare.run_one("hetero", m, 6, [], res / "v2" / "hetero" / f"{m}-s6.json", tmp_path / "w")
     assert seen == ["lada-v1", "lada-v1-filter", "lada-v1-loss", "fedmkt", "random", "lada", "lada-sft"]
-    assert all(m in compare.federated.METHODS for m in seen)
+    assert all(m in methods.METHODS for m in seen)
 
 
 def test_v2_gamma_is_chosen_on_validation_and_test_runs_follow_it(tmp_path, monkeypatch):

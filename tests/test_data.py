@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
-from eval import gold_answer
+from answers import gold_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 ANNOT = re.compile(r"<<([^=<>]+)=([^<>]+)>>")

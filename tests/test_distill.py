@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import data
+import config
+import parties
+import batching
 import distill
 import kernels
 import models
@@ -19,7 +22,7 @@ def tok():
 
 def test_encode_pairs_masks_prompt_and_shifts(tok):
     qs, ys = ["What is 2 + 3?", "A rope is 9 meters long."], ["2 + 3 = <<2+3=5>>5\n#### 5", "#### 9"]
-    enc = distill.encode_pairs(tok, qs, ys)
+    enc = batching.encode_pairs(tok, qs, ys)
     for b, (q, y) in enumerate(zip(qs, ys)):
         ids, lab = enc["input_ids"][b].tolist(), enc["labels"][b].tolist()
         n_prompt = len(tok(data.format_prompt(q), add_special_tokens=False).input_ids)
@@ -52,7 +55,7 @@ def test_batches_from_cached_ids_equal_per_step_tokenization(kind, max_len):
     corpus = [data.format_prompt(p["question"]) + p["answer"] for p in data.generate(200, seed=0)]
     tok = models.build_tokenizer(kind, corpus, 300 if kind == "bpe" else None)
     examples = data.generate(40, seed=7, steps=(2, 4))
-    cached = distill.TokenizedSet(tok, examples, max_len)
+    cached = batching.TokenizedSet(tok, examples, max_len)
     n_tok = [len(tok(data.format_prompt(e["question"]) + e["answer"], add_special_tokens=False).input_ids) + 1
              for e in examples]  # char-level: prompt and path do not merge
     kept = [e for e, n in zip(examples, n_tok) if max_len is None or n <= max_len]
@@ -70,7 +73,7 @@ def test_batches_from_cached_ids_equal_per_step_tokenization(kind, max_len):
 
 def test_length_buckets_see_every_row_once_per_pass_with_little_padding(tok):
     examples = data.generate(64 * 16, seed=3, steps=(2, 5))
-    cached = distill.TokenizedSet(tok, examples)
+    cached = batching.TokenizedSet(tok, examples)
     stream = cached.batches(64, random.Random(1))
     first_pass = [next(stream) for _ in range(16)]  # 16 batches of 64 = one pass (one group of 16 batches)
     assert all(len(b) == 64 for b in first_pass)
@@ -80,7 +83,7 @@ def test_length_buckets_see_every_row_once_per_pass_with_little_padding(tok):
     random_batches = [rng.sample(range(len(examples)), 64) for _ in range(16)]
     bucketed, uniform = sum(map(fill, first_pass)) / 16, sum(map(fill, random_batches)) / 16
     assert bucketed > 0.95 and uniform < 0.85  # real tokens per padded slot: bucketing removes most padding
-    assert distill.TokenizedSet(tok, examples[:5]).batches(64, random.Random(0)).__next__() != []  # fewer rows than a batch
+    assert batching.TokenizedSet(tok, examples[:5]).batches(64, random.Random(0)).__next__() != []  # fewer rows than a batch
 
 
 def test_dard_loss_hand_computed():
@@ -140,7 +143,7 @@ def _train_dard(tok, samples, steps, backend, monkeypatch, device):
     model = models.build_model(tokenizer=tok, seed=3, **models.ZOO["llama-tiny"]).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     cfg = dict(beta=0.1, alpha=0.1, lam=0.0, distill_batch=len(samples), distill_epochs=1, max_len=None)
-    enc = distill.encode_pairs(tok, [s["question"] for s in samples] * 2,
+    enc = batching.encode_pairs(tok, [s["question"] for s in samples] * 2,
                                [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples], device=device)
     ref = distill.score_paths(model, tok, [s["question"] for s in samples] * 2,
                               [s["y_pos"] for s in samples] + [s["y_neg"] for s in samples], device=device)[0]
@@ -217,7 +220,7 @@ def test_local_lr_scale_scales_the_local_step_and_protocol_passes_it(tok):
         model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"])
         opt = distill.make_optimizer(model, 1e-3)
         before = [p.detach().clone() for p in model.parameters()]
-        party = types.SimpleNamespace(model=model, tok=tok, opt=opt, local=distill.as_tokenized(rows, tok))
+        party = types.SimpleNamespace(model=model, tok=tok, opt=opt, local=batching.as_tokenized(rows, tok))
         protocol.local_step(party, dict(local_steps=1, local_batch=4, device="cpu", local_lr_scale=scale),
                             random.Random(0))
         assert opt.param_groups[0]["lr"] == 1e-3
@@ -228,7 +231,7 @@ def test_local_lr_scale_scales_the_local_step_and_protocol_passes_it(tok):
 
 def test_pi_ref_is_the_student_as_distillation_starts(tok, monkeypatch, logp64):
     """DARD's pi_ref: log-probs of y+ and y- under the model exactly as distill() is called, frozen
-    for every step after (README: departures from the spec)."""
+    for every step after (docs/choices.md: departures from the spec)."""
     model = models.build_model(tokenizer=tok, seed=4, **models.ZOO["llama-tiny"])
     samples = _pairs(3, seed=4)
     logp = lambda q, y: logp64(model, tok, q, y)
@@ -253,7 +256,7 @@ def test_the_fused_head_gets_autocasts_dtype(tok, monkeypatch, logp64):
     which runs in bf16; outside autocast they get fp32. Truth: logp64, the model's own logits in float64."""
     model = models.build_model(tokenizer=tok, seed=5, **models.ZOO["llama-tiny"])
     samples = _pairs(3, seed=5)
-    enc = distill.encode_pairs(tok, [s["question"] for s in samples], [s["y_pos"] for s in samples])
+    enc = batching.encode_pairs(tok, [s["question"] for s in samples], [s["y_pos"] for s in samples])
     seen, real = [], distill.seq_logprob
     monkeypatch.setattr(distill, "seq_logprob", lambda h, w, lab, **kw: seen.append(h.dtype) or real(h, w, lab, **kw))
     truth = lambda: torch.tensor([logp64(model, tok, s["question"], s["y_pos"]) for s in samples], dtype=torch.float64)
@@ -277,7 +280,7 @@ def test_a_training_step_never_waits_for_the_gpu(tok, backend, monkeypatch):
     outside the check (lazy CUDA and optimizer initialization)."""
     monkeypatch.setenv("LADA_KERNEL", backend)
     model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"]).cuda()
-    examples = distill.TokenizedSet(tok, data.generate(64, seed=4))
+    examples = batching.TokenizedSet(tok, data.generate(64, seed=4))
     opt = distill.make_optimizer(model, 1e-3)
     batches = examples.batches(16, random.Random(0))
     distill.optimizer_step(model, opt, distill.sft_loss(model, examples.batch(next(batches), "cuda")))
@@ -335,8 +338,8 @@ def test_dard_v2_fused_batch_equals_the_hand_formula_on_its_log_probs(tok, monke
     pair and an imitation pair; the loss equals the §4' formula evaluated by hand on float64 log-probs
     from the model's own logits (conftest.logp64), with π_ref given."""
     cfg_model, ctok = models.new_party("llama-tiny", ("char",), CORPUS, seed=3)
-    pos = distill.encode(ctok, [Q, Q], [A, A])
-    neg = distill.encode(ctok, [Q, Q], ["#### 7", "#### 9"])
+    pos = batching.encode(ctok, [Q, Q], [A, A])
+    neg = batching.encode(ctok, [Q, Q], ["#### 7", "#### 9"])
     ref = torch.tensor([-30.0, -31.0, -40.0, 0.0])
     got = distill._dard_v2_batch(cfg_model, pos, neg, [1, 0], ref, 0.1, 0.1, 1.0, ctok.pad_token_id, "cpu").item()
 
@@ -387,11 +390,11 @@ def test_client_learn_v2_rewards_only_pairs_dard_trained_on(monkeypatch):
     import federated
     import protocol
 
-    args = federated.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
-    cfg = dict(federated.resolve_config(args), distill_epochs=1)
+    args = config.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
+    cfg = dict(config.resolve_config(args), distill_epochs=1)
     public = [{"question": q, "answer": a} for q, a in zip(QS4, GOLD4)]
     model, ctok = models.new_party("gpt2-tiny", ("char",), CORPUS, seed=1)
-    client = federated.Party("slm1", model, ctok, cfg, public, {"slm1": public}, public, {})
+    client = parties.Party("slm1", model, ctok, cfg, public, {"slm1": public}, public, {})
     y_llm = [GOLD4[0], "30 - 8 = 21\n#### 21", GOLD4[2], GOLD4[3]]   # right, wrong, right, right
     y_k = ["#### 16", "#### 1", GOLD4[2], "#### 12"]                 # wrong, wrong, right, wrong
     client.state = dict(round=1, y=y_k, lp_y=torch.full((4,), -30.0), n_y=torch.full((4,), 10),

@@ -11,6 +11,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # until tests/conftest.py does it
 
+import answers  # noqa: E402
 import eval as ev  # noqa: E402
 import models  # noqa: E402
 from data import format_prompt  # noqa: E402
@@ -37,7 +38,7 @@ def test_agrees_with_openai_labels():
         for key, sol in row.items():
             if not isinstance(sol, dict):
                 continue
-            ours = ev.is_correct(sol["solution"], row["ground_truth"])
+            ours = answers.is_correct(sol["solution"], row["ground_truth"])
             total += 1
             agree += ours == sol["is_correct"]
             if ours != sol["is_correct"]:
@@ -46,7 +47,7 @@ def test_agrees_with_openai_labels():
     print(f"agreement with OpenAI is_correct labels: {agree}/{total}")
     assert agree >= 0.995 * total, wrong[:10]
     # the strict grader knows only "####", so it must call every one of these "A: N" solutions wrong
-    assert not any(ev.is_correct(row["6b_finetuning"]["solution"], row["ground_truth"], "strict") for row in rows[:50])
+    assert not any(answers.is_correct(row["6b_finetuning"]["solution"], row["ground_truth"], "strict") for row in rows[:50])
 
 
 def test_checked_grading_accepts_every_gsm8k_gold_and_rejects_garbled_paths():
@@ -55,7 +56,7 @@ def test_checked_grading_accepts_every_gsm8k_gold_and_rejects_garbled_paths():
     number happens to be the answer (copied from results/testbed/superseded/headroom_v2_flexible/)."""
     rows = _jsonl("train.jsonl") + _jsonl("test.jsonl")
     assert len(rows) == 8792
-    assert all(ev.is_correct(r["answer"], r["answer"], "checked") for r in rows)
+    assert all(answers.is_correct(r["answer"], r["answer"], "checked") for r in rows)
     garbled = [("After adding, 12 + 12 + 18 = <<12=9>>19.\n#### + 1", "1", (True, False, False)),
                (" * 9 = <<1*30/3=10>>.\n#### ual is 3", "3", (True, False, False)),
                ("After adding, 1 - Now there is 1 = <<10-8=6>>6 meters.\n#### 6 2", "6", (True, True, False)),
@@ -65,7 +66,7 @@ def test_checked_grading_accepts_every_gsm8k_gold_and_rejects_garbled_paths():
                ("<<7/0=1>>\n#### 1", "1", (True, True, False)), ("<<2**3=8>>\n#### 8", "8", (True, True, False)),
                ("<<__import__('os')=0>>\n#### 0", "0", (True, True, False)), ("no annotation\n#### 4", "4", (True, True, True))]
     for path, gold, want in garbled:
-        assert tuple(ev.is_correct(path, f"#### {gold}", m) for m in ("flexible", "strict", "checked")) == want, path
+        assert tuple(answers.is_correct(path, f"#### {gold}", m) for m in ("flexible", "strict", "checked")) == want, path
 
 
 @pytest.mark.parametrize("split", ["train.jsonl", "test.jsonl"])
@@ -74,8 +75,8 @@ def test_strict_extracts_every_gsm8k_gold(split):
     for row in rows:
         tail = row["answer"].split("####")[-1].strip().replace(",", "")  # parsed without eval.py
         expected = str(int(tail)) if tail.lstrip("-").isdigit() else str(Decimal(tail).normalize())
-        assert ev.extract_answer(row["answer"], "strict") == expected, row["answer"][-40:]
-        assert ev.is_correct(row["answer"], row["answer"], "strict")
+        assert answers.extract_answer(row["answer"], "strict") == expected, row["answer"][-40:]
+        assert answers.is_correct(row["answer"], row["answer"], "strict")
     assert len(rows) in (7473, 1319)
 
 
@@ -102,14 +103,14 @@ def test_strict_extracts_every_gsm8k_gold(split):
     ("", None, None),
 ])
 def test_extract_answer_rules(text, strict, flexible):
-    assert ev.extract_answer(text, "strict") == strict
-    assert ev.extract_answer(text, "flexible") == flexible
-    assert ev.extract_answer(text) == flexible  # flexible is the default
+    assert answers.extract_answer(text, "strict") == strict
+    assert answers.extract_answer(text, "flexible") == flexible
+    assert answers.extract_answer(text) == flexible  # flexible is the default
 
 
 def test_extract_answer_unknown_mode():
     with pytest.raises(ValueError, match="unknown mode"):
-        ev.extract_answer("#### 3", "loose")
+        answers.extract_answer("#### 3", "loose")
 
 
 @pytest.mark.parametrize("completion, gold, expected", [
@@ -126,14 +127,14 @@ def test_extract_answer_unknown_mode():
     ("steps\n#### 71", "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 72", False),
 ])
 def test_is_correct(completion, gold, expected):
-    assert ev.is_correct(completion, gold) is expected
+    assert answers.is_correct(completion, gold) is expected
 
 
 def test_is_correct_strict_needs_marker():
-    assert ev.is_correct("The answer is 18", "18", "flexible")
-    assert not ev.is_correct("The answer is 18", "18", "strict")
+    assert answers.is_correct("The answer is 18", "18", "flexible")
+    assert not answers.is_correct("The answer is 18", "18", "strict")
     with pytest.raises(ValueError, match="gold"):
-        ev.is_correct("#### 3", "no number")
+        answers.is_correct("#### 3", "no number")
 
 
 @pytest.mark.parametrize("text, cut", [

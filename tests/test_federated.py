@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import parties
+import methods
+import runs
+import messages
 import federated
 import models
 import protocol
@@ -29,19 +34,22 @@ def run(args, out, cache):
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("scenario,method", [("hetero", m) for m in federated.METHODS if m != "fedavg"] +
+@pytest.mark.parametrize("scenario,method", [("hetero", m) for m in methods.METHODS if m != "fedavg"] +
                          [(s, "lada") for s in ("homo", "one2one", "llm2slm")] + [("homo", "local"), ("homo", "fedavg")])
 def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monkeypatch):
-    fedavg_calls, real_fedavg = [], federated.fedavg
+    fedavg_calls, loaded, real_average, real_load = [], [], protocol.average, protocol.load_shared
 
-    def checked_fedavg(ms, names):
-        before = [torch.cat([p.detach().flatten() for p in ms[n].parameters()]) for n in names]
-        real_fedavg(ms, names)
-        after = [torch.cat([p.detach().flatten() for p in ms[n].parameters()]) for n in names]
-        assert not torch.equal(before[0], before[1])  # they differed (own data) ...
-        torch.testing.assert_close(after[0], torch.stack(before).mean(0))  # ... and now hold the mean
-        assert all(torch.equal(after[0], a) for a in after)
-        fedavg_calls.append(list(names))
+    def checked_average(sds):
+        flat = [torch.cat([t.detach().flatten().float() for t in sd.values()]) for sd in sds]
+        avg = real_average(sds)
+        assert not torch.equal(flat[0], flat[1])  # they differed (own data) ...
+        torch.testing.assert_close(torch.cat([t.flatten() for t in avg.values()]), torch.stack(flat).mean(0))  # ... the mean
+        fedavg_calls.append(len(sds))
+        return avg
+
+    def checked_load(model, avg):  # each SLM takes the average in
+        real_load(model, avg)
+        loaded.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
 
     step_losses, real_step = {}, protocol.local_step
 
@@ -49,7 +57,8 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
         step_losses[party.name] = real_step(party, cfg, rng)
         return step_losses[party.name]
 
-    monkeypatch.setattr(federated, "fedavg", checked_fedavg)
+    monkeypatch.setattr(protocol, "average", checked_average)
+    monkeypatch.setattr(protocol, "load_shared", checked_load)
     monkeypatch.setattr(protocol, "local_step", recorded_step)
     res = run(["--scenario", scenario, "--method", method], tmp_path, cache)
     n_slm = {"one2one": 1}.get(scenario, 3)
@@ -72,7 +81,7 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     if method == "lada-v1-loss":
         assert all(v == 8 for v in sel.values())  # all of the pool
     plugin = res["rounds"][0].get("plugin", {})
-    if method in protocol.PLUGIN:  # v2: A_k within the host's H_k, pairs by kind, in log.jsonl too
+    if method in methods.PLUGIN:  # v2: A_k within the host's H_k, pairs by kind, in log.jsonl too
         assert set(plugin) == {k for k in sel} | ({"llm"} if scenario != "llm2slm" else set())
         for k, v in sel.items():
             d = plugin[k]
@@ -84,7 +93,8 @@ def test_every_scenario_and_method_runs(tmp_path, cache, scenario, method, monke
     else:
         assert plugin == {}
     if scenario == "homo" and method != "local":  # FedAvg ran once, after the local step, and averaged the SLMs
-        assert fedavg_calls == [["slm1", "slm2", "slm3"]] and nbytes["up"] > 3 * 4 * 15000
+        assert fedavg_calls == [3] and len(loaded) == 3 and all(torch.equal(loaded[0], x) for x in loaded)
+        assert nbytes["up"] > 3 * 4 * 15000
     else:  # `local` is local training alone, in homo too
         assert fedavg_calls == []
     assert (tmp_path / "results.md").read_text().count("\n") == 4  # header, rule, round 0, round 1
@@ -95,13 +105,13 @@ def test_initial_evaluation_is_kept_with_the_warmed_up_models(tmp_path, monkeypa
     the same sets the same way (a grid's methods share their start); a change of what reaches
     generation scores again."""
     cache = str(tmp_path / "cache")
-    calls, real = [], federated.evaluate
+    calls, real = [], runs.evaluate
 
     def counted(cfg, party, rnd):
         calls.append((party.name, rnd))
         return real(cfg, party, rnd)
 
-    monkeypatch.setattr(federated, "evaluate", counted)
+    monkeypatch.setattr(runs, "evaluate", counted)
     first = run(["--method", "local"], tmp_path / "a", cache)
     assert sum(r == 0 for _, r in calls) == 4  # the LLM and three SLMs, scored at round 0
     calls.clear()
@@ -117,7 +127,7 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
     args = ["--rounds", "2", "--method", "lada", "--filter_optimism", "0.6"]  # optimism: filters carry more state
     full = run(args, tmp_path / "full", cache)
 
-    real = federated.write_report
+    real = runs.write_report
     calls = []
 
     def interrupt_after_round_1(out, results):
@@ -125,9 +135,9 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
         real(out, results)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(federated, "write_report", interrupt_after_round_1)
+    monkeypatch.setattr(runs, "write_report", interrupt_after_round_1)
     assert federated.main(FAST + args + ["--out", str(tmp_path / "cut"), "--cache", cache]) == 130
-    monkeypatch.setattr(federated, "write_report", real)
+    monkeypatch.setattr(runs, "write_report", real)
     part = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert len(part["rounds"]) == 1 and len(calls) == 1
     # the same directory without --resume is refused, a different config is refused
@@ -153,11 +163,11 @@ def test_only_public_questions_paths_and_two_scalars_cross(tmp_path, cache, monk
     """v1 exchanges the paths and two log-probs per sample; v2 runs on its host fedmkt, which also sends
     each side's per-character NLL of the gold solution (spec §2 step 4): nothing else crosses."""
     sent = []
-    real = protocol.send
-    monkeypatch.setattr(protocol, "send", lambda msg, kind, *a: sent.append((kind, msg)) or real(msg, kind, *a))
+    real = messages.send
+    monkeypatch.setattr(messages, "send", lambda msg, kind, *a: sent.append((kind, msg)) or real(msg, kind, *a))
     res = run(["--method", method], tmp_path, cache)
     gold = method == "lada"
-    splits = federated.make_data(res["config"], 3)
+    splits = parties.make_data(res["config"], 3)
     public = {p["question"] for p in splits["public"]}
     private = [p["question"] for c in splits["clients"] for p in c["private"]] + \
               [p["answer"] for c in splits["clients"] for p in c["private"]]
@@ -207,25 +217,25 @@ GOLD = ["12 + 5 = <<12+5=17>>17\n#### 17", "30 - 8 = <<30-8=22>>22\n#### 22", "4
 
 
 @pytest.fixture()
-def parties(tmp_path):
+def hand_parties(tmp_path):
     """A server and one client built by hand (tiny random models, no warm-up), the smoke config."""
-    args = federated.parse_args(["--smoke", "--method", "lada-v1", "--scenario", "one2one"])
-    cfg = dict(federated.resolve_config(args), out=str(tmp_path), resume=False)
+    args = config.parse_args(["--smoke", "--method", "lada-v1", "--scenario", "one2one"])
+    cfg = dict(config.resolve_config(args), out=str(tmp_path), resume=False)
     public = [{"question": q, "answer": a} for q, a in zip(QS, GOLD)]
     corpus = [q + "\n" + a for q, a in zip(QS, GOLD)] * 3
     made = {}
     for name, zoo, kind in [("llm", "llama-tiny", ("bpe", 280)), ("slm1", "gpt2-tiny", ("char",))]:
         model, tok = models.new_party(zoo, kind, corpus, seed=1)
-        made[name] = federated.Party(name, model, tok, cfg, public, {name: public}, public, {})
+        made[name] = parties.Party(name, model, tok, cfg, public, {name: public}, public, {})
     return cfg, made["llm"], made["slm1"]
 
 
-def test_client_answer_and_server_score_carry_the_right_scores(parties, logp64):
+def test_client_answer_and_server_score_carry_the_right_scores(hand_parties, logp64):
     _independent_logp = lambda party, q, y: logp64(party.model, party.tok, q, y)  # float64 truth
-    cfg, server, client = parties
+    cfg, server, client = hand_parties
     offer = {"questions": QS, "y_llm": GOLD, "logp_llm_yllm": torch.zeros(4)}
     reply = protocol.client_answer(client, offer, cfg, rnd=1, k=0)
-    assert set(reply) == protocol.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada-v1: no gold NLL
+    assert set(reply) == messages.SCHEMA["client_paths"] - {"nll_gold_slm"} and len(reply["y_slm"]) == 4  # lada-v1: no gold NLL
     for i in range(4):
         assert reply["logp_slm_yllm"][i].item() == pytest.approx(_independent_logp(client, QS[i], GOLD[i]), rel=1e-4)
         assert reply["logp_slm_yslm"][i].item() == pytest.approx(
@@ -233,16 +243,16 @@ def test_client_answer_and_server_score_carry_the_right_scores(parties, logp64):
     server.state = dict(qs=QS, y=GOLD, lp_y=torch.zeros(4), n_y=torch.ones(4), c_y=torch.ones(4), clients={})
     hand = dict(reply, y_slm=["#### 17", "8 + 30 = 38\n#### 38", "#### 25", "no answer"])
     score = protocol.server_score(server, "slm1", hand, cfg)
-    assert set(score) == protocol.SCHEMA["llm_score"]
+    assert set(score) == messages.SCHEMA["llm_score"]
     for i in range(4):
         assert score["logp_llm_yslm"][i].item() == pytest.approx(_independent_logp(server, QS[i], hand["y_slm"][i]), rel=1e-4)
     assert server.state["clients"]["slm1"]["c_yk"].tolist() == [1.0, 0.0, 1.0, 0.0]  # checked against the gold
 
 
-def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
+def test_client_learn_builds_the_spec_pairs_and_trains(hand_parties, monkeypatch):
     import distill
 
-    cfg, server, client = parties
+    cfg, server, client = hand_parties
     cfg = dict(cfg, method="lada-v1-loss")  # allocation "all": every pooled sample, so the pairs are known
     y_llm = [GOLD[0], "30 - 8 = 21\n#### 21", GOLD[2], "9 + 4 = 14\n#### 14"]  # right, wrong, right, wrong
     y_k = ["12 + 5 = 16\n#### 16", GOLD[1], GOLD[2], "#### 12"]          # wrong, right, same as y_llm, wrong
@@ -268,8 +278,8 @@ def test_client_learn_builds_the_spec_pairs_and_trains(parties, monkeypatch):
     assert any(not torch.equal(a, b) for a, b in zip(before, client.model.parameters()))
 
 
-def test_server_pick_and_learn(parties):
-    cfg, server, client = parties
+def test_server_pick_and_learn(hand_parties):
+    cfg, server, client = hand_parties
     cfg = dict(cfg, method="random", budget=3)
     y_k = [GOLD[0], "#### 5", GOLD[2], "#### 7"]
     server.state = dict(qs=QS, y=["#### 1"] * 4, lp_y=torch.full((4,), -20.0), n_y=torch.full((4,), 5),
@@ -297,7 +307,7 @@ def test_server_pick_and_learn(parties):
     (["--smoke"], False, "smoke", None),
 ])
 def test_preset_follows_the_machine(argv, gpu, preset, says):
-    got, notice = federated.choose_preset(federated.parse_args(argv), gpu)
+    got, notice = config.choose_preset(config.parse_args(argv), gpu)
     assert got == preset
     assert (notice is None) if says is None else (says in notice and "\n" not in notice)
 
@@ -312,13 +322,13 @@ def test_no_gpu_default_command_says_what_it_runs(tmp_path):
                           str(tmp_path / "c")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = p.stderr.readline()  # the notice comes before any work
-        config = json.loads(p.stdout.readline())
+        printed = json.loads(p.stdout.readline())
     finally:
         p.kill()
         p.wait()
     assert first.startswith("federated.py: no GPU, so this runs --preset cpu (about")
-    assert config["parties"] == "cpu" and config["rounds"] == federated.PRESETS["cpu"]["rounds"]
-    assert config["out"].endswith("o2") and config["dtype"] == "fp32"
+    assert printed["parties"] == "cpu" and printed["rounds"] == config.PRESETS["cpu"]["rounds"]
+    assert printed["out"].endswith("o2") and printed["dtype"] == "fp32"
 
 
 @pytest.mark.parametrize("argv, dtype", [
@@ -330,8 +340,8 @@ def test_no_gpu_default_command_says_what_it_runs(tmp_path):
 ])
 def test_dtype_auto_is_bf16_only_for_real_checkpoints_on_cuda(argv, dtype, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolving the flags touches no GPU
-    args = federated.parse_args(argv + ["--preset", "cpu"])
-    assert federated.resolve_config(args)["dtype"] == dtype
+    args = config.parse_args(argv + ["--preset", "cpu"])
+    assert config.resolve_config(args)["dtype"] == dtype
 
 
 def test_real_checkpoints_and_gsm8k_file(tmp_path, cache):
@@ -386,7 +396,7 @@ def test_testbed_run_reports_private_domain_and_per_problem_results(tmp_path, ca
     assert all(n == 7 for n in last["eval_n"].values())
     for bits, acc in [(res["initial_correct"], res["initial"]), (last["correct"], last["accuracy"])]:
         assert all(len(b) == 7 and set(b) <= {"0", "1"} and acc[p] == b.count("1") / 7 for p, b in bits.items())
-    splits = federated.make_data(res["config"], 3)
+    splits = parties.make_data(res["config"], 3)
     assert {p["domain"] for p in splits["public_test_private"]} == {"time"}
     val = run(["--rounds", "1", "--method", "local", "--private_only", "time", "--eval_split", "val"],
               tmp_path / "val", cache)  # tuning reads the validation sets only
@@ -394,8 +404,8 @@ def test_testbed_run_reports_private_domain_and_per_problem_results(tmp_path, ca
     assert not {p["domain"] for p in splits["general"]} & {"time"}
 
 
-def test_oracle_takes_every_correct_teacher_path(parties):
-    cfg, _, _ = parties
+def test_oracle_takes_every_correct_teacher_path(hand_parties):
+    cfg, _, _ = hand_parties
     feats = torch.zeros(5, 3)
     got = protocol.allocate("oracle", None, feats, None, None, None, torch.tensor([1.0, 0, 1, 1, 0]), cfg, random.Random(0))
     assert got == [0, 2, 3]
@@ -434,10 +444,10 @@ def test_slm_pretrain_adds_shared_domain_problems_to_each_slm_warm_up(tmp_path, 
     monkeypatch.setattr(distill, "warm_up", lambda model, tok, examples, **kw: seen.setdefault(kw["desc"], examples) and 0.0)
     for n in (0, 7):
         seen.clear()
-        cfg = federated.resolve_config(federated.parse_args(
+        cfg = config.resolve_config(config.parse_args(
             ["--smoke", "--device", "cpu", "--private_only", "time", "--slm_pretrain", str(n), "--cache", str(tmp_path / f"c{n}")]))
-        splits = federated.make_data(cfg, 3)
-        federated.build_parties(cfg, splits, only=["slm1", "slm2", "slm3"])
+        splits = parties.make_data(cfg, 3)
+        parties.build_parties(cfg, splits, only=["slm1", "slm2", "slm3"])
         general = {p["question"] for p in splits["general"]}
         held_out = {p["question"] for k in ("public", "public_test", "public_val") for p in splits[k]}
         for k in range(3):
@@ -454,11 +464,11 @@ def test_solutions_longer_than_the_generation_budget_are_counted_and_said(capsys
     tok = models.build_tokenizer("char", [long + "Q?"])
     evals = {"slm1": [{"answer": long}, {"answer": short}, {"answer": long}]}
     public = [{"answer": long}, {"answer": "#### 9", "answer_only": True}, {"answer": short}]
-    got = federated.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=20)
+    got = parties.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=20)
     assert len(long) == 30 and got == {"slm1": 2, "pool": 1}
     out = capsys.readouterr().out
     assert "slm1: 2 of 3 solutions of its slm1 set need more than --max_new_tokens 20 tokens (the longest 31)" in out
-    assert federated.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=31) == {"slm1": 0, "pool": 0}
+    assert parties.over_max_new_tokens("slm1", tok, evals, public, max_new_tokens=31) == {"slm1": 0, "pool": 0}
     assert capsys.readouterr().out == ""
 
 

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import filter as F  # noqa: E402  (the repo module, not the builtin)
-import bandits as B  # noqa: E402  (synthetic bandits with a known optimum)
+from study import bandits as B  # noqa: E402  (synthetic bandits with a known optimum)
 
 M, E = F.FEATURE_DIM, 16
 

@@ -20,6 +20,9 @@ from optional import need  # noqa: E402
 
 need("flwr")
 
+import config
+import runs
+import messages
 import federated  # noqa: E402
 import protocol  # noqa: E402
 import flower_app  # noqa: E402
@@ -53,13 +56,13 @@ def test_records_carry_messages_losslessly():
             [(got["weights"]["state_dict"][k], v) for k, v in weights["state_dict"].items()]:
         assert a.dtype == b.dtype and a.shape == b.shape
         assert bits(a) == bits(b)  # the same bits (NaN, -0.0 included)
-    # the byte accounting of protocol.send is the same on either side of the wire
+    # the byte accounting of messages.send is the same on either side of the wire
     t1, t2 = {}, {}
-    protocol.send(msg, "pool", t1, "down")
-    protocol.send(got["pool"], "pool", t2, "down")
+    messages.send(msg, "pool", t1, "down")
+    messages.send(got["pool"], "pool", t2, "down")
     assert t1 == t2 == {"down": 8 * 4 + sum(len(s.encode()) for s in msg["questions"] + msg["y_llm"])}
     with pytest.raises(RuntimeError, match="outside the protocol"):  # the schema check holds for decoded messages
-        protocol.send(dict(got["pool"], answer=["42"]), "pool", {}, "down")
+        messages.send(dict(got["pool"], answer=["42"]), "pool", {}, "down")
 
 
 # -----------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def check_dard_f64(hidden, weight, labels, dtype, **kw):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["odd", "masked_row"])
 def test_token_indices_found_on_the_host_give_the_float64_result(case, backend, device, monkeypatch):
-    """tok= (the unmasked positions, found where the batch is built: distill.collate) replaces the
+    """tok= (the unmasked positions, found where the batch is built: batching.collate) replaces the
     device-side search; log-probs, DARD loss and gradients still match float64."""
     use_backend(monkeypatch, backend, device)
     B, T, V, d, mask = CASES[case]

@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import config
+import parties
+import batching
 import distill
 import federated
 import kernels
 import lora
 import memory
 import models
+import protocol
 
 from optional import need  # noqa: E402
 
@@ -53,8 +57,8 @@ def test_lora_rounds_train_only_adapters_and_resume_is_exact(tmp_path, ckpts, mo
     data, llm, slm, _ = ckpts
     args = FAST + ["--llm", llm, "--slms", slm, "--data", data, "--lora", "4", "--lora_parties", "llm,slm1",
                    "--cache", str(tmp_path / "c")]
-    built, real_build = [], federated.build_parties
-    monkeypatch.setattr(federated, "build_parties", lambda cfg, splits: built.append(real_build(cfg, splits)) or built[-1])
+    built, real_build = [], parties.build_parties
+    monkeypatch.setattr(parties, "build_parties", lambda cfg, splits: built.append(real_build(cfg, splits)) or built[-1])
     assert federated.main(args + ["--rounds", "2", "--out", str(tmp_path / "a")]) == 0
     full = json.loads((tmp_path / "a" / "results.json").read_text())
     for name, d in (("llm", llm), ("slm1", slm)):  # base weights as in the checkpoint file; every adapter moved
@@ -142,7 +146,7 @@ def test_grad_ckpt_gives_the_same_gradients(ckpts):
         torch.manual_seed(0)
         model = lora.prepare(model, lora_cfg(grad_ckpt=ckpt), "llm").train()
         assert model.get_base_model().is_gradient_checkpointing == ckpt
-        loss = distill.sft_loss(model, distill.TokenizedSet(tok, rows).batch(range(6)))
+        loss = distill.sft_loss(model, batching.TokenizedSet(tok, rows).batch(range(6)))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
@@ -174,7 +178,7 @@ def saved_bytes(model, enc):
 def test_memory_plan_matches_measured_bytes(ckpts, which, use_lora, dropout):
     _, llm, slm, _ = ckpts
     path = llm if which == "llm" else slm
-    cfg = dict(federated.BASE, **lora_cfg(lora=4 if use_lora else 0, lora_dropout=dropout),
+    cfg = dict(config.BASE, **lora_cfg(lora=4 if use_lora else 0, lora_dropout=dropout),
                distill_batch=3, local_batch=4, lam=0.5, max_len=48, eval_batch=8, llm=path)  # 2*3 + 4 = 10 rows
     model, tok = models.load_model(path)
     want = memory.party_plan(model, cfg, "llm")
@@ -293,7 +297,9 @@ def test_fedavg_of_lora_parties_averages_adapters_only(ckpts):
             for n, p in ms[name].named_parameters():
                 p.add_(torch.full_like(p, 0.1 * (k + 1)) if "lora_" in n else torch.full_like(p, k))
     before = {name: {n: p.clone() for n, p in m.named_parameters()} for name, m in ms.items()}
-    federated.fedavg(ms, ["slm1", "slm2"])
+    avg = protocol.average([protocol.shared_weights(ms[n]) for n in ("slm1", "slm2")])  # what play_round does
+    for n in ("slm1", "slm2"):
+        protocol.load_shared(ms[n], avg)
     for n, p in ms["slm1"].named_parameters():
         for name in ("slm1", "slm2"):
             q = dict(ms[name].named_parameters())[n]

@@ -21,9 +21,13 @@ import pytest
 import torch
 
 import eval as ev
+import config
+import parties
+import messages
 import federated
 import protocol
 import models
+import store
 
 REPO = Path(__file__).resolve().parents[1]
 # a smoke run small enough to start a dozen times: 2 rounds, 3 clients, the LaDa filters with optimism
@@ -155,8 +159,8 @@ def test_state_round_trip_is_exact(tmp_path):
     f.select(torch.randn(10, 4), torch.randn(10, 2))
     f.update(torch.randn(3, 4), torch.randn(3, 2), torch.rand(3))
     state = {"opt": opt.state_dict(), "filter": f.state_dict(), "x": [1, 2.5, None, float("nan"), "s", (1, "t")]}
-    models.save_state(state, tmp_path / "st")
-    got = models.load_state(tmp_path / "st")
+    store.save_state(state, tmp_path / "st")
+    got = store.load_state(tmp_path / "st")
 
     def same(a, b):
         assert type(a) is type(b) or isinstance(a, dict) and type(b) is dict, (type(a), type(b))  # OrderedDict -> dict
@@ -185,8 +189,8 @@ def test_receive_refuses_each_kind_of_bad_message():
     qs = ["q1", "q2", "q3"]
     good = {"y_slm": ["a", "b", "c"], "logp_slm_yslm": torch.tensor([-1.0, -2.0, -3.0]),
             "logp_slm_yllm": torch.tensor([-4.0, -5.0, -6.0])}
-    assert protocol.receive(dict(good), "client_paths", 3, cfg) == good
-    assert protocol.receive(dict(good, logp_slm_yslm=[-1, -2.5, 0.0]), "client_paths", 3, cfg)["logp_slm_yslm"].tolist() \
+    assert messages.receive(dict(good), "client_paths", 3, cfg) == good
+    assert messages.receive(dict(good, logp_slm_yslm=[-1, -2.5, 0.0]), "client_paths", 3, cfg)["logp_slm_yslm"].tolist() \
         == [-1.0, -2.5, 0.0]  # a list of numbers (a transport's JSON) becomes a tensor
     nan = float("nan")
     bad = [
@@ -210,23 +214,23 @@ def test_receive_refuses_each_kind_of_bad_message():
         (dict(good, y_slm=["a", "\ud800", "c"]), "not valid Unicode"),
     ]
     for msg, says in bad:
-        with pytest.raises(protocol.BadMessage) as e:
-            protocol.receive(msg, "client_paths", 3, cfg)
+        with pytest.raises(messages.BadMessage) as e:
+            messages.receive(msg, "client_paths", 3, cfg)
         assert says in str(e.value), (says, str(e.value))
     # the server's messages: the pool's questions must be public ones; the gold NLLs come with fedmkt
     pool = {"questions": qs, "y_llm": ["x", "y", "z"], "logp_llm_yllm": torch.zeros(3)}
-    assert protocol.receive(pool, "pool", 3, cfg, known_questions=set(qs)) == pool
-    with pytest.raises(protocol.BadMessage, match=r"questions\[2\] is not a public question"):
-        protocol.receive(dict(pool, questions=["q1", "q2", "secret"]), "pool", 3, cfg, known_questions=set(qs))
-    with pytest.raises(protocol.BadMessage, match="has 3 entries for 4"):
-        protocol.receive(pool, "pool", 4, cfg)
+    assert messages.receive(pool, "pool", 3, cfg, known_questions=set(qs)) == pool
+    with pytest.raises(messages.BadMessage, match=r"questions\[2\] is not a public question"):
+        messages.receive(dict(pool, questions=["q1", "q2", "secret"]), "pool", 3, cfg, known_questions=set(qs))
+    with pytest.raises(messages.BadMessage, match="has 3 entries for 4"):
+        messages.receive(pool, "pool", 4, cfg)
     fm = dict(cfg, method="fedmkt")
-    with pytest.raises(protocol.BadMessage, match=r"missing fields \['nll_gold_llm'\]"):
-        protocol.receive(pool, "pool", 3, fm)
-    with pytest.raises(protocol.BadMessage, match=r"nll_gold_llm\[0\] is -2, but a NLL is >= 0"):
-        protocol.receive(dict(pool, nll_gold_llm=torch.tensor([-2.0, 1.0, 1.0])), "pool", 3, fm)
-    with pytest.raises(protocol.BadMessage, match=r"logp_llm_yslm\[1\] is nan"):
-        protocol.receive({"logp_llm_yslm": torch.tensor([0.0, nan, 0.0])}, "llm_score", 3, cfg)
+    with pytest.raises(messages.BadMessage, match=r"missing fields \['nll_gold_llm'\]"):
+        messages.receive(pool, "pool", 3, fm)
+    with pytest.raises(messages.BadMessage, match=r"nll_gold_llm\[0\] is -2, but a NLL is >= 0"):
+        messages.receive(dict(pool, nll_gold_llm=torch.tensor([-2.0, 1.0, 1.0])), "pool", 3, fm)
+    with pytest.raises(messages.BadMessage, match=r"logp_llm_yslm\[1\] is nan"):
+        messages.receive({"logp_llm_yslm": torch.tensor([0.0, nan, 0.0])}, "llm_score", 3, cfg)
 
 
 # what a hostile client does to its honest reply in rounds 1, 2, 3, and the reason its receiver logs
@@ -320,7 +324,7 @@ def check_after_kill(out, cache, reference):
         saved = json.loads((ck / "results.json").read_text())
         k = len(saved["rounds"])
         assert strip(saved) == dict(strip(reference["results"]), rounds=strip(reference["results"])["rounds"][:k])
-        assert models.load_state(ck / "state")["round"] == k
+        assert store.load_state(ck / "state")["round"] == k
     for e in Path(cache).iterdir() if Path(cache).exists() else []:
         assert e.name.startswith(".") or (e / "info.json").is_file(), e
 
@@ -378,10 +382,10 @@ def numeric_flag_cases():
     """For every numeric flag: NaN, infinities, a value below its range (and above, where it has a
     top), a non-number; plus the relations between flags."""
     cases = []
-    for k, v in federated.BASE.items():
+    for k, v in config.BASE.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool):  # switches (--grad_ckpt) take no value
             continue
-        rule = federated.RANGES.get(k, ">= 0")
+        rule = config.RANGES.get(k, ">= 0")
         low = {">= 0": -1, ">= 1": 0, ">= 10": 9, ">= 16": 15, "> 0": 0, "in [0, 1]": -0.5,
                "in [0, 2**32)": -1, "in [-1, 2**32)": -2}[rule]
         vals = [str(low), "abc"] + (["nan", "inf", "-inf"] if isinstance(v, float) else ["1.5", str(2**40)] if "2**32" in rule else ["1.5"])
@@ -557,9 +561,9 @@ def test_malformed_inputs_give_one_line_and_exit_2(malformed, tmp_path, capfd, m
 
     def slipped(*a, **k):  # an input that got past the checks fails here at once, not after a whole run
         raise AssertionError("accepted")
-    real_build = federated.build_parties
+    real_build = parties.build_parties
     monkeypatch.setattr(distill, "warm_up", slipped)
-    monkeypatch.setattr(federated, "build_parties", lambda *a: real_build(*a) and slipped())
+    monkeypatch.setattr(parties, "build_parties", lambda *a: real_build(*a) and slipped())
     monkeypatch.setattr(ev, "evaluate", slipped)
     out = ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "cache")]
     fed = [(["--smoke"] + argv + out, says) for argv, says in malformed["flags"] + malformed["data"] + malformed["dirs"]]
@@ -594,11 +598,11 @@ def test_malformed_inputs_through_real_processes(malformed, tmp_path):
 
 BUILD = """import json, sys
 sys.path.insert(0, {repo!r})
-import federated
-cfg = federated.resolve_config(federated.parse_args({flags!r}))
-parties = federated.build_parties(cfg, federated.make_data(cfg, 1))
+import config, parties
+cfg = config.resolve_config(config.parse_args({flags!r}))
+built = parties.build_parties(cfg, parties.make_data(cfg, 1))
 print("BUILT", json.dumps({{n: [p.info["cached"], sum(float(t.double().sum()) for t in p.model.state_dict().values())]
-                           for n, p in parties.items()}}), flush=True)
+                           for n, p in built.items()}}), flush=True)
 """
 
 
@@ -610,8 +614,8 @@ def test_processes_sharing_a_cache_warm_each_party_up_once(tmp_path):
     once, and both processes end with the same weights."""
     flags = ["--smoke", "--device", "cpu", "--scenario", "one2one", "--warm_llm", "40", "--warm_slm", "20",
              "--cache", str(tmp_path / "cache")]
-    cfg = federated.resolve_config(federated.parse_args(flags))
-    entries = {n: path for n, (path, _) in federated.warm_jobs(cfg, federated.make_data(cfg, 1)).items()}
+    cfg = config.resolve_config(config.parse_args(flags))
+    entries = {n: path for n, (path, _) in parties.warm_jobs(cfg, parties.make_data(cfg, 1)).items()}
     assert list(entries) == ["llm", "slm1"]
     held = models.lock_entry(entries["llm"])
     assert held is not None and models.lock_entry(entries["llm"]) is None  # a second open file cannot take it

@@ -26,7 +26,7 @@ step() {  # step NAME MAXSECONDS CMD...
   grep -v "^warm-up" $OUT/$name.log | tail -8
 }
 step tests 45 python3 -m pytest -q -rs tests/test_kernels.py tests/test_distill.py
-step profile 60 python3 results/gpu/diagnose.py --parties llm --modes fp32-auto,fp32-triton --steps 100 --eval 0 --profile 20
+step profile 60 python3 study/diagnose.py --parties llm --modes fp32-auto,fp32-triton --steps 100 --eval 0 --profile 20
 step cold 270 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
 step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
 step bench 85 sh -c 'python3 -m kernels.bench --shapes 8b --out /tmp/runs/bench_8b.csv;

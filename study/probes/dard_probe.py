@@ -2,7 +2,7 @@
 federated loop, on validation sets only (exploratory: written after the grid's first lada runs showed
 the SLMs falling below `local`; it decides no hypothesis).
 
-    python results/testbed/probes/dard_probe.py --cache DIR [--pairs 16,64] [flags of federated.py]
+    python study/probes/dard_probe.py --cache DIR [--pairs 16,64] [flags of federated.py]
 
 For each client k of the testbed (seed 0 unless --seed): the warmed-up LLM and SLM_k (from --cache),
 a pool of public questions with the LLM's sampled path y+ and SLM_k's own sampled path y- for each
@@ -22,10 +22,12 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import eval as ev  # noqa: E402
-import federated as F  # noqa: E402
+import config as C  # noqa: E402
+import parties as F  # noqa: E402
+import runs  # noqa: E402
 import protocol as P  # noqa: E402
 from distill import distill, make_optimizer, teacher_targets  # noqa: E402
 
@@ -43,7 +45,7 @@ def main():
     if "--pairs" in argv:
         i = argv.index("--pairs")
         argv = argv[:i] + argv[i + 2:]
-    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu"] + argv))
+    cfg = C.resolve_config(C.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu"] + argv))
     splits = F.make_data(cfg, 3)
     parties = F.build_parties(cfg, splits)
     llm = parties["llm"]

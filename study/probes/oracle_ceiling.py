@@ -1,6 +1,6 @@
 """How far could an oracle lift each testbed SLM? A probe outside the federated loop (validation sets only).
 
-    python results/testbed/probes/oracle_ceiling.py --cache DIR [--extra 500] [--steps 60,240] [--slm_zoo a,b,c] [--pretrain N] [flags of federated.py]
+    python study/probes/oracle_ceiling.py --cache DIR [--extra 500] [--steps 60,240] [--slm_zoo a,b,c] [--pretrain N] [flags of federated.py]
 
 For each client k of the testbed (seed 0 unless --seed): its warmed-up SLM (from --cache, else warmed
 up there), its accuracy on its validation set, then SFT from that model on its private data plus
@@ -17,9 +17,11 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import federated as F  # noqa: E402
+import config as C  # noqa: E402
+import parties as F  # noqa: E402
+import runs  # noqa: E402
 from data import with_solutions  # noqa: E402
 from distill import warm_up  # noqa: E402
 from models import ZOO  # noqa: E402
@@ -31,7 +33,7 @@ def main():
     extra = int(argv[argv.index("--extra") + 1]) if "--extra" in argv else 500
     steps = [int(s) for s in (argv[argv.index("--steps") + 1] if "--steps" in argv else "60,240").split(",")]
     if "--slm_zoo" in argv:  # e.g. qwen2:128:3:352,gpt2:128:3:352,llama:128:3:352
-        hetero = F.PARTIES["cpu"]["hetero"]
+        hetero = C.PARTIES["cpu"]["hetero"]
         for k, spec in enumerate(argv[argv.index("--slm_zoo") + 1].split(",")):
             arch, d, n_layer, d_ff = spec.split(":")
             name = f"{arch}-probe-{d}-{n_layer}"
@@ -42,7 +44,7 @@ def main():
         if flag in argv:
             i = argv.index(flag)
             argv = argv[:i] + argv[i + 2:]
-    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu"] + argv))
+    cfg = C.resolve_config(C.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu"] + argv))
     splits = F.make_data(cfg, 3)
     for k, c in enumerate(splits["clients"]):  # warm-up data only; extra training below uses the private set alone
         c["own"] = c["private"]

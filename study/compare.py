@@ -1,15 +1,15 @@
 """compare.py: LaDa against its baselines on the testbed, with the power to tell them apart.
 
-    python compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
-    python compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
-    python compare.py --tables                # only rebuild the tables, verdicts and plot from results/
-    python compare.py --status --workdir W    # what is done, running and to do, and the hours left
-    python compare.py --tune                  # follow-up F0: the local step's lr, then the distillation's per loss (hetero, seed 0, validation)
-    python compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
-    python compare.py --jobs 16               # any of the above in 16 processes that share the runs (one per core)
-    python compare.py --preset smoke --force --seeds 0   # the whole pipeline in minutes (results in runs/compare-smoke)
-    python compare.py --v2-tune --jobs 2      # LaDa v2 (docs/study-v2.md): gamma on hetero seed 0's validation sets
-    python compare.py --v2 --jobs 2           # then v2's test runs: hetero, fresh seeds 6-8, at the chosen gamma
+    python study/compare.py --headroom              # 1. the headroom check: oracle allocation vs local (hetero, 3 seeds, validation sets)
+    python study/compare.py                         # 2. the grid: every scenario x method x seed, then the gap runs
+    python study/compare.py --tables                # only rebuild the tables, verdicts and plot from results/
+    python study/compare.py --status --workdir W    # what is done, running and to do, and the hours left
+    python study/compare.py --tune                  # follow-up F0: the local step's lr, then the distillation's per loss (hetero, seed 0, validation)
+    python study/compare.py --followup              # follow-up F1-F4: hetero, fresh seeds 3-5, each method at its tuned lr
+    python study/compare.py --jobs 16               # any of the above in 16 processes that share the runs (one per core)
+    python study/compare.py --preset smoke --force --seeds 0   # the whole pipeline in minutes (results in runs/compare-smoke)
+    python study/compare.py --v2-tune --jobs 2      # LaDa v2 (docs/study-v2.md): gamma on hetero seed 0's validation sets
+    python study/compare.py --v2 --jobs 2           # then v2's test runs: hetero, fresh seeds 6-8, at the chosen gamma
 
 Each run is `federated.py --preset testbed` with one (scenario, method, seed); the seed varies the
 data, the warm-ups and the rounds. Its results.json is copied to
@@ -26,7 +26,7 @@ count lada's filter picked (--counts_from), so the two differ only in which samp
 
 Every method-vs-method claim is a paired difference of final accuracy (the same test problems, the
 same seeds) with a 95% bootstrap interval: seeds resampled, then each party's test problems within a
-seed. The hypotheses and their rule were written in the README before the grid ran.
+seed. The hypotheses and their rule were written (docs/study.md) before the grid ran.
 """
 import argparse
 import json
@@ -39,9 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-import federated
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's modules, when run as `python study/compare.py`
+import config  # noqa: E402
+import federated  # noqa: E402
+from methods import SCENARIOS  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent
 PRESET = "testbed"  # --preset
 RESULTS = None  # --results: where the result files go (None: the repository's results/, committed)
 POLL = 10  # seconds between looks at runs that other processes hold
@@ -49,7 +52,7 @@ BASELINES = ["local", "fedmkt", "random", "fedavg"]
 ORDER = ["local", "fedavg", "fedmkt", "random", "lada-filter", "lada-loss", "lada"]  # lada before random (its counts)
 RUN_ORDER = ["local", "fedavg", "fedmkt", "lada", "random", "lada-filter", "lada-loss"]
 SEEDS = [0, 1, 2]
-# the follow-up (README "Follow-up: DARD's learning rate", pre-registered before its first run)
+# the follow-up (docs/study.md, "Follow-up: DARD's learning rate", pre-registered before its first run)
 TUNE_METHODS, TUNE_SCALES, LOCAL_SCALES = ("fedmkt", "lada-filter", "lada"), (1.0, 0.3, 0.1), (1.0, 0.3, 0.1)
 FOLLOWUP_METHODS, FOLLOWUP_SEEDS = ("local", "fedmkt", "lada", "random", "lada-filter"), (3, 4, 5)
 # The v1 study's files (every folder but v2/) keep v1's labels in their names and configs: lada, lada-filter and
@@ -104,7 +107,7 @@ def warm_ups(res: dict) -> dict:
 def supersede_other_warm_ups(dest: Path, res: dict) -> list[Path]:
     """Runs of one folder and seed are compared problem by problem, so they must start from the same
     warmed-up models. A warm-up is reproducible on one machine but not bit for bit across machines
-    (README, "One warm-up per seed"), so a run whose warm-ups differ from those of the committed runs
+    (docs/study.md, "One warm-up per seed"), so a run whose warm-ups differ from those of the committed runs
     beside it (same folder and seed, same party and model) moves those to superseded/warm-ups/, and
     the grid runs them again from the current ones. Returns the moved files."""
     mine, seed, moved = warm_ups(res), res["config"]["seed"], []
@@ -166,7 +169,7 @@ def grid_runs(scenarios, methods, seeds, scenario_lada_loss=False):
     runs; `random` after `lada`. `lada-loss` runs in the gap runs only (H5 reads it there): in the
     scenarios it is the costliest run by far (the whole pool, both directions; about two hours), no
     hypothesis reads it, and it could no longer share its seed's warm-ups with the runs beside it
-    (README, "One warm-up per seed"); `--scenario_lada_loss` adds it back, last."""
+    (docs/study.md, "One warm-up per seed"); `--scenario_lada_loss` adds it back, last."""
     res = res_root()
 
     def scenario_runs(pick):
@@ -315,7 +318,7 @@ def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]
     scales = tuned_scales(res_dir) or {m: (1.0, 1.0) for m in FOLLOWUP_METHODS}  # result files do not depend on them
     parts = {"headroom": headroom_runs(seeds), "grid": grid_runs(scenarios, methods, seeds),
              "follow-up F0": tune, "follow-up F1-F4": followup_runs(scales)}
-    rounds = {**federated.BASE, **federated.PRESETS[PRESET]}["rounds"]
+    rounds = {**config.BASE, **config.PRESETS[PRESET]}["rounds"]
     lines = ["| part | runs | done | running | to do | hours left (one process, at the finished runs' pace) |",
              "|---|---|---|---|---|---|"]
     running, total = [], 0.0
@@ -484,9 +487,9 @@ def method_rows(res_dir: Path, sub: str, tag: str, label: str) -> list:
 
 
 def hypotheses(res_dir: Path) -> list[str]:
-    """The pre-registered hypotheses (README), each a paired difference with its interval and verdict."""
+    """The pre-registered hypotheses (docs/study.md), each a paired difference with its interval and verdict."""
     rows = []
-    for scen in federated.SCENARIOS:
+    for scen in SCENARIOS:
         rows += method_rows(res_dir, scen, "H", scen)
     gap = {(size, m): runs_of(res_dir, "gap", f"{size}-{m}") for size in ("mid", "large") for m in ("lada-loss", "lada")}
     if gap[("mid", "lada-loss")] and gap[("large", "lada-loss")]:
@@ -499,7 +502,7 @@ def hypotheses(res_dir: Path) -> list[str]:
     rows += method_rows(res_dir, "followup", "F", "hetero, tuned lr")
     if not rows:
         return []
-    md = ["\n**Hypotheses** (pre-registered in the README; paired difference of final accuracy in points, "
+    md = ["\n**Hypotheses** (pre-registered in docs/study.md; paired difference of final accuracy in points, "
           "95% bootstrap interval over seeds and test problems; rule: supported if the interval excludes 0 on "
           "the predicted side)\n", "| | difference | estimate [95% CI] | seeds | verdict |", "|---|---|---|---|---|"]
     # the rule was registered for three seeds: with fewer, a verdict is shown as interim
@@ -536,7 +539,7 @@ def headroom(res_dir: Path):
 
 def tables(res_dir: Path) -> str:
     md, _ = headroom(res_dir)
-    for scen in federated.SCENARIOS:
+    for scen in SCENARIOS:
         runs = {m: runs_of(res_dir, scen, m) for m in ORDER}
         runs = {m: r for m, r in runs.items() if r}
         if runs:
@@ -575,7 +578,7 @@ def v2_tables(res_dir: Path) -> str:
         g = v2_gamma(res_dir)
         md += ["", f"Chosen gamma (highest SLM mean on validation, ties to the larger): "
                    f"{g if g is not None else 'not yet (tuning runs missing)'}."]
-    for scen in federated.SCENARIOS:
+    for scen in SCENARIOS:
         runs = {m: runs_of(res_dir, f"v2/{scen}", m) for m in V2_METHODS}
         runs = {m: r for m, r in runs.items() if r}
         if runs:
@@ -744,7 +747,7 @@ def start_jobs(args, n: int) -> list:
     tables), each with cores / n threads; their output goes to WORKDIR/logs/job<i>.log."""
     threads = max(1, (os.cpu_count() or 1) // n)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, str(ROOT / "compare.py"), "--worker", "--seeds", args.seeds, "--scenarios", args.scenarios,
+    cmd = [sys.executable, str(ROOT / "study" / "compare.py"), "--worker", "--seeds", args.seeds, "--scenarios", args.scenarios,
            "--methods", args.methods, "--workdir", args.workdir, "--preset", args.preset]
     cmd += ["--results", args.results] if args.results else []
     cmd += [f"--{f}" for f in ("headroom", "tune", "followup", "force", "scenario_lada_loss", "v2") if getattr(args, f)]
@@ -766,7 +769,7 @@ def main(argv=None):
     global PRESET, RESULTS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds")
-    p.add_argument("--scenarios", default=",".join(federated.SCENARIOS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--methods", default=",".join(RUN_ORDER))
     p.add_argument("--headroom", action="store_true", help="run only the headroom check (oracle vs local)")
     p.add_argument("--tables", action="store_true", help="only rebuild tables, verdicts and plot from results/")
@@ -784,10 +787,10 @@ def main(argv=None):
                    "(a run uses one core well; warm-ups shared through the cache are done once)")
     p.add_argument("--workdir", default=None, help="run directories, the model cache and the locks "
                    "(default runs/compare, or runs/compare-PRESET for another preset)")
-    p.add_argument("--preset", default=PRESET, choices=sorted(federated.PRESETS),
+    p.add_argument("--preset", default=PRESET, choices=sorted(config.PRESETS),
                    help="every run's preset (testbed: the registered comparison; smoke: the pipeline in minutes)")
     p.add_argument("--results", default=None, help="where the result files go (default: results/, committed, for "
-                   "testbed, whose README tables are rebuilt only from there; WORKDIR/results for another preset)")
+                   "testbed, whose tables in docs/study.md are rebuilt only from there; WORKDIR/results for another preset)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --jobs' processes: no tables
     args = p.parse_args(argv)
     try:
@@ -849,14 +852,14 @@ def main(argv=None):
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")
-    for scen in federated.SCENARIOS + ("followup",):  # one figure per scenario (and the follow-up) with runs
+    for scen in tuple(SCENARIOS) + ("followup",):  # one figure per scenario (and the follow-up) with runs
         plot(res_dir, scen)
-    readme = ROOT / "README.md"  # the tables also go between the README's markers (results/ only)
+    study = ROOT / "docs" / "study.md"  # the tables also go between the study document's markers (results/ only)
     begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"
-    text = readme.read_text()
+    text = study.read_text() if study.exists() else ""
     if RESULTS is None and begin in text and end in text:
         head, rest = text.split(begin, 1)
-        readme.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+        study.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
     return 0
 

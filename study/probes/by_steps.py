@@ -1,6 +1,6 @@
 """by_steps.py: accuracy by the number of steps of a problem, from the committed runs' records.
 
-    python results/testbed/probes/by_steps.py --scenario hetero > results/testbed/probes/by_steps_hetero.txt
+    python study/probes/by_steps.py --scenario hetero > results/testbed/probes/by_steps_hetero.txt
 
 Reads no test set again: every final run keeps each test problem's 0/1 (`initial_correct`, the last
 round's `correct`), and the splits are regenerated from the run's own config (data.make_splits is
@@ -14,10 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import data as D  # noqa: E402
-import federated as F  # noqa: E402
+import config as C  # noqa: E402
+import parties as F  # noqa: E402
+import runs  # noqa: E402
 
 
 def column(example) -> str:

@@ -1,6 +1,6 @@
 """bandits.py: synthetic contextual bandits with a known optimum, to measure what the filter buys.
 
-    python bandits.py --plot results/filter/demo.png     # ~2 min on a 2-core CPU
+    python study/bandits.py --plot results/filter/demo.png     # ~2 min on a 2-core CPU
 
 The demo prints the mean expected reward of the picks per round for the filter (f1 + f2 as spec §3.2),
 the filter with `optimism` (EE-Net's passed-over targets, filter.LearnabilityFilter.update), f1 alone
@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from filter import FEATURE_DIM, LearnabilityFilter  # the repo's filter.py (spec §3)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules
+from filter import FEATURE_DIM, LearnabilityFilter  # noqa: E402  the repo's filter.py (spec §3)
 
 # -----------------------------------------------------------------------------
 # synthetic contextual bandits whose expected reward μ is known

@@ -2,7 +2,7 @@
 the federated loop, on validation sets only (exploratory: written after hetero's three seeds showed
 `local` falling from 11-14% after warm-up to 3-6% in round 1; it decides no hypothesis).
 
-    python results/testbed/probes/local_probe.py --cache DIR [--seed S] [flags of federated.py]
+    python study/probes/local_probe.py --cache DIR [--seed S] [flags of federated.py]
 
 For each client k of the testbed: the warmed-up SLM_k (from --cache), then five rounds of the local
 step (local_steps AdamW steps of local_batch on its own private data, one optimizer over the rounds,
@@ -19,11 +19,13 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 
-import federated as F  # noqa: E402
+import config as C  # noqa: E402
+import parties as F  # noqa: E402
+import runs  # noqa: E402
 import protocol as P  # noqa: E402
 from distill import local_batch_loss, make_optimizer, optimizer_step  # noqa: E402
 
@@ -35,7 +37,7 @@ def gold_per_token(cfg, party):
 
 
 def main():
-    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu",
+    cfg = C.resolve_config(C.parse_args(["--scenario", "hetero", "--preset", "testbed", "--device", "cpu",
                                          "--eval_split", "val"] + sys.argv[1:]))
     splits = F.make_data(cfg, 3)
     parties = F.build_parties(cfg, splits, only=["slm1", "slm2", "slm3"])
@@ -47,7 +49,7 @@ def main():
     for name in ("slm1", "slm2", "slm3"):
         s = parties[name]
         start = {k: v.clone() for k, v in s.model.state_dict().items()}
-        acc0 = F.evaluate(cfg, s, 0)["accuracy"][name]
+        acc0 = runs.evaluate(cfg, s, 0)["accuracy"][name]
         g0 = gold_per_token(cfg, s)
         for variant in ("loop", "lr/10", "lr ramp"):
             s.model.load_state_dict(start)
@@ -60,7 +62,7 @@ def main():
             for rnd in range(1, 6):
                 loss = local_round(s, opt, sched, cfg, rng)
                 if rnd in (1, 5):
-                    accs.append(F.evaluate(cfg, s, cfg["rounds"])["accuracy"][name])
+                    accs.append(runs.evaluate(cfg, s, cfg["rounds"])["accuracy"][name])
                     golds.append(gold_per_token(cfg, s))
                     losses.append(loss)
             print(f"| {name} | {len(s.local)} | {variant} | {100 * acc0:.1f} | {100 * accs[0]:.1f} | {100 * accs[1]:.1f} "

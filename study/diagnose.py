@@ -1,6 +1,6 @@
 """The default preset's warm-up on a GPU, taken apart: does it learn, does generation agree with itself, where do steps go.
 
-    python results/gpu/diagnose.py [--parties slm3,llm] [--steps 300] [--eval 32] [--profile 20]
+    python study/diagnose.py [--parties slm3,llm] [--steps 300] [--eval 32] [--profile 20]
 
 On 2026-11-26 (H200, results/gpu/h200_2026-11-26/) the default preset's warm-ups ended at batch
 losses of 0.29 (llm) and 1.1-1.7 (SLMs), every party then solved 0-3% of its test problems, and a
@@ -31,13 +31,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import distill  # noqa: E402
 import eval as ev  # noqa: E402
-import federated as F  # noqa: E402
+import config as C  # noqa: E402
+import parties as F  # noqa: E402
+import runs  # noqa: E402
 
 MODES = {"bf16-triton": ("bf16", "triton"), "bf16-torch": ("bf16", "torch"),
          "fp32-triton": ("fp32", "triton"), "fp32-torch": ("fp32", "torch"),
@@ -160,7 +162,7 @@ def main():
     ap.add_argument("--grads", action="store_true",
                     help="after each party's first mode, compare its last batch's gradients in fp32 and bf16")
     args = ap.parse_args()
-    cfg = F.resolve_config(F.parse_args(["--scenario", "hetero", "--preset", args.preset, "--device", args.device,
+    cfg = C.resolve_config(C.parse_args(["--scenario", "hetero", "--preset", args.preset, "--device", args.device,
                                          "--cache", args.cache]))
     splits = F.make_data(cfg, 3)
     for name in args.parties.split(","):
