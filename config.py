@@ -120,6 +120,15 @@ RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 10": lambda v: 
          "in [-1, 2**32)": lambda v: -1 <= v < 2**32}
 
 
+# The largest value each size flag may take: far above any run, below what would only end in an allocation
+# failure (a traceback) instead of a line
+MAXIMA = dict(rounds=10**5, pool_size=10**6, budget=10**6, min_budget=10**6, plugin_budget=10**6, filter_epochs=10**4,
+              embed_dim=4096, local_steps=10**6, local_batch=2**16, distill_epochs=10**4, distill_batch=2**16,
+              max_new_tokens=2**16, max_len=2**20, eval_batch=2**16, score_batch=2**16, n_public=10**7, n_private=10**7,
+              n_val=10**7, n_test=10**7, n_general=10**7, min_steps=64, max_steps=64, max_value=10**9, warm_llm=10**8,
+              warm_slm=10**8, warm_batch=2**16, eval_subset=10**7, slm_pretrain=10**7, lora=2**16)
+
+
 def check_config(cfg):
     """ValueError (one line naming the flag) for a value no run can use: out of RANGES, not finite,
     min_budget > budget, min_steps > max_steps, an unknown device, dtype or party set, a path that is a file."""
@@ -128,6 +137,8 @@ def check_config(cfg):
             x, rule = cfg[k], RANGES.get(k, ">= 0")
             if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not RULES[rule](x):
                 raise ValueError(f"--{k} must be {'a finite number ' if isinstance(v, float) else 'an integer '}{rule}, got {x!r}")
+            if k in MAXIMA and x > MAXIMA[k]:
+                raise ValueError(f"--{k} must be at most {MAXIMA[k]}, got {x!r}")
     for lo, hi in (("min_budget", "budget"), ("min_steps", "max_steps")) + ((("min_budget", "plugin_budget"),)
                                                                           if cfg["method"] in P.PLUGIN else ()):
         if cfg[lo] > cfg[hi]:

@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from answers import ANSWER_LINE_RE, MODES, extract_answer, is_correct
+from answers import ANSWER_LINE_RE, MODES, is_correct
 from data import format_prompt, load_dataset
 from models import load_model, to_device
 

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-import messages as M
 import parties as PT
 import protocol as P
 import runs
 from config import config_from_flags
 from data import DataError
-from methods import METHODS, SCENARIOS, uses_filter
+from methods import METHODS, SCENARIOS
 from models import ModelError
 from store import crash_point
 
@@ -80,27 +79,21 @@ def play_round(server, names, cfg, rnd, call, log):
 
 def in_process(clients: dict, cfg, rnd, log):
     """The transport of one process: `call` runs each client's side (protocol.client_exchange) by a
-    function call; every message is checked and counted as it crosses (messages.send / receive)."""
+    function call; what crosses is checked and counted as over a network (RoundLog.count_down, accept)."""
     rng = {n: random.Random(f"{cfg['seed']}-{rnd}-{n}") for n in clients}  # each client's own randomness
 
     def call(stage, msgs):
-        replies = {}
+        log.count_down(msgs)
+        raw = {}
         for n, down in msgs.items():
             try:
-                for kind, m in down.items():
-                    M.send(m, kind, log.traffic, "down")
                 with log.phase(f"clients: {stage}"):
-                    report, up = P.client_exchange(stage, clients[n], down, cfg, rnd, rng[n])
-                for kind, m in up.items():
-                    M.send(m, kind, log.traffic, "up")
-                if "client_paths" in up:  # the server's check of a reply before any use
+                    raw[n] = P.client_exchange(stage, clients[n], down, cfg, rnd, rng[n])
+                if stage == "answer":
                     crash_point("round")  # a test hook (tests/test_reliability.py); nothing unless LADA_CRASH_AT says so
-                    up["client_paths"] = M.receive(up["client_paths"], "client_paths", len(down["pool"]["questions"]), cfg)
-                log.learned(n, "down", report)
-                replies[n] = up
             except Exception as e:
                 log.skip(n, e)
-        return replies
+        return log.accept(stage, msgs, raw, cfg)
     return call
 
 
@@ -109,7 +102,14 @@ def in_process(clients: dict, cfg, rnd, log):
 
 
 def run(cfg):
-    out, amp = runs.open_run(cfg)
+    out, amp, release = runs.open_run(cfg)  # this process owns --out until the run ends
+    try:
+        return _run(cfg, out, amp)
+    finally:
+        release()
+
+
+def _run(cfg, out, amp):
     dev, scen, setup_times = cfg["device"], SCENARIOS[cfg["scenario"]], {}
 
     # --- data and parties (spec §1, §6), the filters that live with each student (spec §2)
@@ -117,11 +117,7 @@ def run(cfg):
     with amp, runs.phase(setup_times, "warm-up", dev):
         parties = PT.build_parties(cfg, splits)
     server, clients = parties["llm"], {n: p for n, p in parties.items() if n != "llm"}
-    if uses_filter(cfg["method"]):
-        for k, c in enumerate(clients.values()):
-            c.filters["down"] = PT.new_filter(cfg, k, "down")
-            if scen["llm_learns"]:
-                server.filters[f"up/{c.name}"] = PT.new_filter(cfg, k, "up")
+    PT.add_filters(cfg, parties, list(clients))
     if cfg["counts_from"]:  # lada-random (random) at the counts another run's filter picked
         PT.set_counts(cfg, server, list(clients.values()), not scen["llm_learns"])
     models, toks, opts, filters = runs.checkpoint_view(parties)

@@ -11,9 +11,8 @@ round with federated.play_round, whose `call` (`flower_call`) carries a stage's 
 clients and their checked replies back; each ClientApp holds one SLM (chosen by the node's `party`),
 its private data and its down-filter F_k^down, and answers each stage with protocol.client_exchange.
 What crosses is exactly messages.SCHEMA's dicts, encoded losslessly into Flower records
-(`pack`/`unpack`), plus a small report per client (its counts, losses and accuracy, filed under its
-own name). `flags` are federated.py's flags and resolve the same way on every machine, so the same
-flags give the same results as `python federated.py`.
+(flower_records.py), plus a small report per client (its counts, losses and accuracy, filed under its
+own name). `flags` are federated.py's flags: the same flags give the same results as federated.py.
 
 Flower starts a fresh ClientApp process for every message, so a client keeps its state on disk in
 <dir>/<name of --out>/<party>/ (node config `dir`, default the SuperNode's working directory):
@@ -32,11 +31,12 @@ import traceback
 from pathlib import Path
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import federated as F
+import flower_records as R
 import messages as M
 import parties as PT
 import protocol as P
@@ -44,68 +44,9 @@ import runs
 from config import config_from_flags
 from data import DataError
 from distill import autocast
-from methods import SCENARIOS, uses_filter
 from models import ModelError
 
 CLIENT_ERROR = 2  # the code of Flower's own "ClientApp raised an exception" error
-
-# -----------------------------------------------------------------------------
-# Messages: SCHEMA dicts <-> Flower records, losslessly
-
-
-def pack(msgs: dict, **meta) -> RecordDict:
-    """{kind: SCHEMA message} (+ plain JSON values in `meta`) -> RecordDict. Per kind, an ArrayRecord
-    of its tensors (a state_dict's entries as "field/key"; bf16 travels as its int16 bits) and a
-    ConfigRecord of its string lists."""
-    rd = RecordDict({"meta": ConfigRecord({"json": json.dumps(meta)})})
-    for kind, msg in msgs.items():
-        arrays, texts = ArrayRecord(), ConfigRecord()
-        for field, v in msg.items():
-            if isinstance(v, (dict, torch.Tensor)):
-                for key, t in (v.items() if isinstance(v, dict) else [(None, v)]):
-                    name = field if key is None else f"{field}/{key}"
-                    t = t.detach().cpu().contiguous()
-                    if t.dtype == torch.bfloat16:  # numpy has no bf16
-                        t, name = t.view(torch.int16), name + "@bf16"
-                    arrays[name] = Array(t.numpy())
-            else:
-                texts[field] = list(v)
-        rd[f"{kind}.arrays"], rd[f"{kind}.texts"] = arrays, texts
-    return rd
-
-
-def unpack(rd: RecordDict) -> tuple[dict, dict]:
-    """RecordDict -> (meta, {kind: SCHEMA message}), the inverse of `pack`."""
-    meta = json.loads(rd.config_records["meta"]["json"])
-    msgs = {}
-    for key in rd:
-        if not key.endswith(".arrays"):
-            continue
-        kind, msg = key[:-len(".arrays")], {}
-        for name, a in rd.array_records[key].items():
-            t = torch.from_numpy(a.numpy().copy())
-            if name.endswith("@bf16"):
-                t, name = t.view(torch.bfloat16), name[:-len("@bf16")]
-            if "/" in name:
-                field, sub = name.split("/", 1)
-                msg.setdefault(field, {})[sub] = t
-            else:
-                msg[name] = t
-        msg.update({f: list(v) for f, v in rd.config_records[f"{kind}.texts"].items()})
-        msgs[kind] = msg
-    return meta, msgs
-
-
-def record_bytes(rd: RecordDict) -> int:
-    """Bytes of a message's records as Flower serializes them (arrays with their .npy headers, UTF-8 text)."""
-    n = 0
-    for rec in rd.values():
-        if isinstance(rec, ArrayRecord):
-            n += sum(len(a.data) for a in rec.values())
-        else:
-            n += sum(len(s.encode()) for v in rec.values() for s in (v if isinstance(v, list) else [v]))
-    return n
-
 
 # -----------------------------------------------------------------------------
 # Configuration: federated.py's flags, the same on every machine (+ what is local to a node)
@@ -132,28 +73,14 @@ def slm_names(cfg) -> list[str]:
     return [f"slm{k + 1}" for k in range(PT.n_clients(cfg))]
 
 
-def autocast_of(cfg):
-    return autocast(cfg["device"], cfg["dtype"])  # bf16 on CUDA, as in federated.run
-
-
-def build(cfg, names):
-    """The parties in `names`, built exactly as federated.run builds them (same data, seeds, cache)."""
-    splits = PT.make_data(cfg, len(slm_names(cfg)))
-    with autocast_of(cfg):
-        return PT.build_parties(cfg, splits, only=names)
+def autocast_of(cfg):  # bf16 on CUDA, as in federated.run
+    return autocast(cfg["device"], cfg["dtype"])
 
 
 # -----------------------------------------------------------------------------
 # The client: one SLM, its private data, its down-filter. Each stage is one message.
 
 client = ClientApp()
-
-
-def client_party(cfg, name):
-    party = build(cfg, [name])[name]
-    if uses_filter(cfg["method"]):
-        party.filters["down"] = PT.new_filter(cfg, int(name[3:]) - 1, "down")
-    return party
 
 
 def round_of(d: Path) -> int:
@@ -223,7 +150,7 @@ def client_stage(stage, msg, context) -> Message:
     """Run one stage of the client's round; a failure goes back as a Flower Error whose reason is
     "Type: text", as federated.run logs it."""
     try:
-        meta, got = unpack(msg.content)
+        meta, got = R.unpack(msg.content)
         cfg = config_of(context.run_config, context.node_config)
         name = str(context.node_config.get("party", ""))
         if name not in slm_names(cfg):
@@ -236,7 +163,7 @@ def client_stage(stage, msg, context) -> Message:
                              stage_round(stage, cfg, name, cdir, meta, got))
         for kind, m in out.items():  # the schema check of what leaves this machine
             M.send(m, kind, {}, "up")
-        return Message(pack(out, **out_meta), reply_to=msg)
+        return Message(R.tamper(R.pack(out, **out_meta), stage, meta.get("round", 0)), reply_to=msg)
     except Exception as e:
         traceback.print_exc()
         return Message(Error(code=CLIENT_ERROR, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
@@ -246,7 +173,7 @@ def stage_setup(cfg, name, cdir, meta, got):
     """Which party this node is; with `evaluate`, its warm-up (cached) and accuracy before round 1."""
     if not meta["evaluate"]:
         return dict(party=name), {}
-    party = client_party(cfg, name)
+    party = PT.build_some(cfg, [name])[name]
     with autocast_of(cfg):
         ev = runs.initial_evaluation(cfg, party)  # read from the warm-up cache when there
     return dict(party=name, info=party.info, eval=ev), {}
@@ -257,7 +184,7 @@ def stage_round(stage, cfg, name, cdir, meta, got):
     disk: the round starts from the last finished round (with "local", or "answer" without FedAvg) or
     goes on from the work in progress; it ends with the client's evaluation and checkpoint (`finish`)."""
     rnd = meta["round"]
-    party = client_party(cfg, name)
+    party = PT.build_some(cfg, [name])[name]
     if stage == "learn" or (stage == "answer" and "weights" in got):
         rng = load_work(cdir, party, rnd)
     else:
@@ -268,8 +195,8 @@ def stage_round(stage, cfg, name, cdir, meta, got):
         report, out = P.client_exchange(stage, party, got, cfg, rnd, rng)
     if stage == "local" or (stage == "answer" and out):  # the round goes on at this client
         save_work(cdir, party, rnd, rng)
-        return dict(report=report), out
-    return dict(report=finish(cfg, party, cdir, rnd, report)), out
+        return dict(party=name, report=report), out
+    return dict(party=name, report=finish(cfg, party, cdir, rnd, report)), out
 
 
 
@@ -308,8 +235,8 @@ def exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire, **meta) -
     mtype = ("query." if stage == "setup" else "train.") + stage
     msgs = []
     for n, p in payloads.items():
-        rd = pack(p, round=rnd, **meta)
-        wire["down"] = wire.get("down", 0) + record_bytes(rd)
+        rd = R.pack(p, round=rnd, **meta)
+        wire["down"] = wire.get("down", 0) + R.record_bytes(rd)
         msgs.append(Message(rd, dst_node_id=nodes[n], message_type=mtype, group_id=str(rnd)))
     ids = {i: n for i, n in zip(grid.push_messages(msgs), payloads) if i}
     for n in payloads:
@@ -330,9 +257,12 @@ def exchange(grid, nodes, stage, rnd, payloads, errors, timeout, wire, **meta) -
         elif r.has_error():
             errors[n] = r.error.reason
         else:
-            wire["up"] = wire.get("up", 0) + record_bytes(r.content)
-            out[n] = unpack(r.content)
-            continue
+            wire["up"] = wire.get("up", 0) + R.record_bytes(r.content)
+            try:
+                out[n] = R.unpack(r.content)
+                continue
+            except M.BadMessage as e:
+                errors[n] = f"BadMessage: {e}"
         print(f"{'setup' if stage == 'setup' else f'round {rnd}'}: {n} failed and is skipped ({errors[n]})",
               file=sys.stderr, flush=True)
     return out
@@ -347,9 +277,19 @@ def find_clients(grid, names, evaluate, timeout) -> tuple[dict, dict]:
         asked.update(new.values())
         for key, (meta, _) in exchange(grid, new, "setup", 0, {k: {} for k in new}, errors, timeout, {},
                                        evaluate=evaluate).items():
-            if meta["party"] in nodes:
-                raise ValueError(f"two SuperNodes hold party {meta['party']} (their node config party=...)")
-            nodes[meta["party"]], setup[meta["party"]] = new[key], meta
+            party = meta.get("party")
+            try:
+                if party not in names:
+                    raise M.BadMessage(f"it holds party {str(party)[:40]!r}, not one of {', '.join(names)}")
+                if party in nodes:
+                    raise M.BadMessage(f"party {party} is held by node {nodes[party]} already (node config party=...)")
+                if evaluate:  # its accuracy after warm-up: its own figures only
+                    meta["eval"] = M.receive_report({"eval": meta.get("eval")}, party, 0)[0]["eval"]
+                    meta["info"] = meta["info"] if isinstance(meta.get("info"), dict) else {}
+            except M.BadMessage as e:
+                print(f"setup: node {new[key]} is not taken: {e}", file=sys.stderr, flush=True)
+                continue
+            nodes[party], setup[party] = new[key], meta
         time.sleep(1)
     missing = [n for n in names if n not in nodes]
     if missing:
@@ -368,30 +308,20 @@ def main(grid: Grid, context: Context) -> None:
         raise  # and Flower marks the run failed
 
 
-def flower_call(grid, nodes, cfg, rnd, log, timeout, wire, evals):
-    """`call` of federated.play_round over Flower: each client's messages of a stage go out as Flower
-    records (checked and counted by messages.send), the replies come back checked (messages.receive)
-    before any use; a client that fails, times out or sends what is refused is skipped for the round.
-    A client's report is filed under its own name (RoundLog.learned); its evaluation, sent with the
-    report at its round's end, goes to `evals`."""
+def flower_call(grid, nodes, cfg, rnd, log, timeout, wire):
+    """`call` of federated.play_round over Flower: a stage's messages go out as Flower records, each
+    client's reply comes back as (its report, its messages) and is checked by the server like any
+    other (RoundLog.accept): a reply that cannot be read, is not from the node's party, or fails a
+    check costs that client its round. A client's evaluation arrives with its round's last reply."""
     def call(stage, msgs):
-        for down in msgs.values():
-            for kind, m in down.items():
-                M.send(m, kind, log.traffic, "down")
-        replies = {}
+        log.count_down(msgs)
+        raw = {}
         for n, (meta, up) in exchange(grid, nodes, stage, rnd, msgs, log.errors, timeout, wire).items():
-            try:
-                for kind, m in up.items():
-                    M.send(m, kind, log.traffic, "up")
-                if "client_paths" in up:  # the server's check of a reply before any use
-                    up["client_paths"] = M.receive(up["client_paths"], "client_paths", len(msgs[n]["pool"]["questions"]), cfg)
-                log.learned(n, "down", meta["report"])
-                if "eval" in meta["report"]:
-                    evals[n] = meta["report"]["eval"]
-                replies[n] = up
-            except Exception as e:
-                log.skip(n, e)
-        return replies
+            if meta.get("party") != n:
+                log.skip(n, M.BadMessage(f"the reply names party {str(meta.get('party'))[:40]!r}, not {n}"))
+                continue
+            raw[n] = (meta.get("report"), up)
+        return log.accept(stage, msgs, raw, cfg)
     return call
 
 
@@ -400,15 +330,19 @@ def serve(grid: Grid, context: Context) -> None:
     round federated.play_round over `flower_call`."""
     cfg = config_of(context.run_config)
     timeout = float(context.run_config.get("timeout", 3600))  # seconds a stage waits for the clients' replies
-    out, amp = runs.open_run(cfg)
+    out, amp, release = runs.open_run(cfg)  # the server owns --out until the run ends
+    try:
+        _serve(grid, cfg, timeout, out, amp)
+    finally:
+        release()
+
+
+def _serve(grid, cfg, timeout, out, amp):
     dev, names, setup_times = cfg["device"], slm_names(cfg), {}
 
     # --- the LLM (warmed up or cached) and its up-filters; the clients' SuperNodes
     with runs.phase(setup_times, "warm-up", dev):
-        server = build(cfg, ["llm"])["llm"]
-    if uses_filter(cfg["method"]) and SCENARIOS[cfg["scenario"]]["llm_learns"]:
-        for k, n in enumerate(names):
-            server.filters[f"up/{n}"] = PT.new_filter(cfg, k, "up")
+        server = PT.build_some(cfg, ["llm"])["llm"]
     resume = cfg["resume"] and runs.has_checkpoint(out)
     nodes, setup = find_clients(grid, names, not resume, timeout)
     start = 0
@@ -424,13 +358,13 @@ def serve(grid: Grid, context: Context) -> None:
 
     t_rounds = time.time()
     for rnd in range(start + 1, cfg["rounds"] + 1):
-        log, wire, evals = runs.RoundLog(rnd, dev), {}, {}
+        log, wire = runs.RoundLog(rnd, dev), {}
         with amp:
-            F.play_round(server, names, cfg, rnd, flower_call(grid, nodes, cfg, rnd, log, timeout, wire, evals), log)
+            F.play_round(server, names, cfg, rnd, flower_call(grid, nodes, cfg, rnd, log, timeout, wire), log)
         # --- evaluation (the LLM here; each client evaluated itself at its round's end), log, checkpoint
         with amp, log.phase("evaluation"):
             ev = runs.evaluate(cfg, server, rnd)
-        entry = log.entry(runs.merge_evaluations([ev] + [evals[n] for n in names if n in evals]))
+        entry = log.entry(runs.merge_evaluations([ev] + [log.evals[n] for n in names if n in log.evals]))
         entry["records"] = wire  # bytes of the Flower records (arrays with .npy headers, text, per-message meta)
         runs.end_round(out, cfg, results, entry,
                        lambda: runs.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},

@@ -7,17 +7,17 @@ import random
 import time
 from pathlib import Path
 
-import torch
 
 import config
 import data
-import protocol as P
 from data import with_solutions
-from distill import TokenizedSet, make_optimizer, warm_up
+from distill import TokenizedSet, autocast, make_optimizer, warm_up
 from filter import FEATURE_DIM, LearnabilityFilter
 from lora import base_dtype, check_parties, prepare
 from memory import check, meta_model
+from methods import PLUGIN, SCENARIOS, uses_filter
 from models import load_cached_party, load_model, lock_entry, n_params, new_party, party_cache_dir, save_model
+from store import remove_temps
 
 def n_clients(cfg) -> int:
     """How many SLMs the run has: the scenario's, or one per --slms directory."""
@@ -142,7 +142,7 @@ def warm_jobs(cfg, splits, only=None) -> dict:
         else:  # its private data, after --slm_pretrain solved problems of the shared domains (never pooled)
             pre = random.Random(cfg["data_seed"] * 100 + i).sample(splits["general"], min(cfg["slm_pretrain"], len(splits["general"])))
             warm_data, steps = pre + splits["clients"][i - 1]["private"], cfg["warm_slm"]
-        seed = cfg["data_seed"] + (0 if P.SCENARIOS[cfg["scenario"]]["shared_init"] else i)  # homo: one initialization
+        seed = cfg["data_seed"] + (0 if SCENARIOS[cfg["scenario"]]["shared_init"] else i)  # homo: one initialization
         warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
         path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
         jobs[name] = (path, (name, zoo, tok_spec, corpus, warm_data, warm, seed, dev))
@@ -155,6 +155,7 @@ def warm_party(path, name, zoo, tok_spec, corpus, warm_data, warm, seed, dev):
     got = load_cached_party(path, device=dev)
     if got is not None:
         return got
+    remove_temps(path)  # what a killed write of this entry left (this process holds the entry's lock)
     model, tok = new_party(zoo, tok_spec, corpus, seed)
     t0 = time.time()
     loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
@@ -182,10 +183,32 @@ def set_counts(cfg, server, clients, frozen_llm):
                 party.counts[key] = n
 
 
+def add_filters(cfg, parties: dict, clients: list[str]):
+    """One LaDa filter per (client, direction), living with its student (spec §2): F_k^down with client k,
+    F_k^up with the server (when the LLM learns); none for a method without filters."""
+    if not uses_filter(cfg["method"]):
+        return
+    for name, p in parties.items():
+        if name != "llm":
+            p.filters["down"] = new_filter(cfg, clients.index(name), "down")
+        elif SCENARIOS[cfg["scenario"]]["llm_learns"]:
+            p.filters.update({f"up/{n}": new_filter(cfg, k, "up") for k, n in enumerate(clients)})
+
+
+def build_some(cfg, names) -> dict:
+    """The parties in `names` with their filters, built exactly as a whole run builds them (same data,
+    seeds, cache): what one process of a Flower federation holds."""
+    splits = make_data(cfg, n_clients(cfg))
+    with autocast(cfg["device"], cfg["dtype"]):
+        got = build_parties(cfg, splits, only=names)
+    add_filters(cfg, got, [f"slm{k + 1}" for k in range(n_clients(cfg))])
+    return got
+
+
 def new_filter(cfg, k, direction):
     """The LaDa filter of client k (0-based) for `direction`: "down" (F_k^down, lives with client k)
     or "up" (F_k^up, lives with the server); its seed is fixed by (seed, k, direction)."""
-    budget = cfg["plugin_budget"] if cfg["method"] in P.PLUGIN else cfg["budget"]  # v2 picks A_k within H_k
+    budget = cfg["plugin_budget"] if cfg["method"] in PLUGIN else cfg["budget"]  # v2 picks A_k within H_k
     return LearnabilityFilter(FEATURE_DIM, cfg["embed_dim"], budget, cfg["min_budget"], cfg["threshold"],
                               epochs=cfg["filter_epochs"], seed=cfg["seed"] * 100 + 2 * k + (direction == "up"),
                               reward_scale="q90", optimism=cfg["filter_optimism"])

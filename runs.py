@@ -15,10 +15,12 @@ import transformers
 
 import config
 import eval as ev
+import messages as M
 from distill import autocast
 from lora import is_lora, load_adapters
 from models import fingerprint, load_model
-from store import StateError, atomic_dir, commit_link, crash_point, load_state, remove_stale, save_state
+from store import (StateError, atomic_dir, check_manifest, commit_link, crash_point, load_state, lock_out, remove_stale,
+                   save_state, write_manifest)
 
 @contextmanager
 def phase(times: dict, name: str, dev: str):
@@ -99,17 +101,26 @@ def checkpoint_view(parties: dict) -> tuple[dict, dict, dict, dict]:
 
 
 def open_run(cfg):
-    """The output directory (a finished round there needs --resume), the config printed first, the
-    seed and the device settings. Returns (out, amp): amp is the autocast context of cfg's dtype."""
+    """The output directory (owned by this process: `lock_out`; a finished round there needs --resume,
+    whose flags are checked against the checkpoint's before any other work), the config printed first,
+    the seed and the device settings. Returns (out, amp, release): amp is the autocast context of cfg's
+    dtype, release() gives the folder back."""
     out = Path(cfg["out"])
     if has_checkpoint(out) and not cfg["resume"]:
         raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    release = lock_out(out)
+    try:
+        if cfg["resume"] and has_checkpoint(out):
+            check_resume(out, cfg)
+    except Exception:
+        release()
+        raise
     print(json.dumps(cfg), flush=True)
     torch.manual_seed(cfg["seed"])
     if cfg["device"].startswith("cuda"):  # TF32 wherever fp32 matmuls remain (the optimizer's master weights stay fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return out, autocast(cfg["device"], cfg["dtype"])  # under bf16: warm-up, local steps, distillation, scoring, generation
+    return out, autocast(cfg["device"], cfg["dtype"]), release  # under bf16: warm-up, local steps, distillation, ...
 
 
 def new_results(cfg, infos, ev0, setup_times):
@@ -150,6 +161,47 @@ class RoundLog:
     def __init__(self, rnd: int, dev: str):
         self.rnd, self.dev, self.t0 = rnd, dev, time.time()
         self.traffic, self.selected, self.rewards, self.losses, self.errors, self.times, self.plugin = ({} for _ in range(7))
+        self.evals = {}  # client -> the evaluation it sent with its round's last reply (Flower)
+
+    def count_down(self, msgs: dict):
+        """Check and count what the server sends: {client: {kind: message}} (messages.send)."""
+        for down in msgs.values():
+            for kind, m in down.items():
+                M.send(m, kind, self.traffic, "down")
+
+    def accept(self, stage: str, msgs: dict, raw: dict, cfg) -> dict:
+        """The server's side of a stage's replies, whatever carried them: raw {client: (report, {kind:
+        message})} -> {client: {kind: message}} of the clients whose replies pass every check (the kinds
+        the stage expects, each message's schema, FedAvg's weights, the report: messages.receive_report).
+        A client whose reply fails is skipped for the rest of the round; the server never raises on it."""
+        expect = {"local": {"weights"}, "answer": {"client_paths"}, "learn": set()}[stage]
+        replies = {}
+        for n, (report, up) in raw.items():
+            try:
+                want = expect if stage != "answer" or "pool" in msgs[n] else set()
+                if not isinstance(up, dict) or set(up) != want:
+                    raise M.BadMessage(f"'{stage}' must answer with {sorted(want)}, got {sorted(map(str, up)) if isinstance(up, dict) else type(up).__name__}")
+                for kind, m in up.items():
+                    M.send(m, kind, self.traffic, "up")
+                if "client_paths" in up:  # the server's check of a reply before any use
+                    up["client_paths"] = M.receive(up["client_paths"], "client_paths", len(msgs[n]["pool"]["questions"]), cfg)
+                report, notes = M.receive_report(report, n, cfg["pool_size"])
+                for note in notes:
+                    print(f"round {self.rnd}: {note}", file=sys.stderr, flush=True)
+                self.learned(n, "down", report)
+                if "eval" in report:
+                    self.evals[n] = report["eval"]
+                replies[n] = up
+            except Exception as e:
+                self.skip(n, e)
+        if stage == "local":  # FedAvg's weights: keys, shapes, dtypes, finite values (messages.receive_weights)
+            ok, bad = M.receive_weights({n: up["weights"] for n, up in replies.items()})
+            for n, e in bad.items():
+                self.skip(n, e)
+                del replies[n]
+            for n, sd in ok.items():
+                replies[n] = {"weights": {"state_dict": sd}}
+        return replies
 
     def phase(self, name: str):
         return phase(self.times, name, self.dev)
@@ -211,7 +263,40 @@ def save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results):
                 "filters": {k: f.state_dict() for k, f in filters.items()}}, tmp / "state")
     (tmp / "results.json").write_text(json.dumps(results, indent=1))
     (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
+    write_manifest(tmp)  # every file's SHA-256, checked on load
     commit_link(tmp, out / "ckpt", f"r{rnd:04d}")
+
+
+NEUTRAL = ("cache", "device", "out")  # flags that change where a run works, not its results
+
+
+def check_resume(out: Path, cfg):
+    """Before any data, warm-up or cache work: the checkpoint in `out` was made with these flags (all but
+    --rounds, which extends a run, and the result-neutral cache, device and output paths); ValueError
+    naming the keys that differ."""
+    ck = out / "ckpt"
+    saved = _read_json(ck / "config.json")
+    if not isinstance(saved, dict):
+        raise StateError(f"{ck / 'config.json'}: not an object")
+    saved = {**{k: v for k, v in config.BASE.items() if k not in saved}, **saved}  # keys added since: their defaults
+    skip = set(config.RUN_KEYS) | set(NEUTRAL)
+    diff = sorted(k for k in set(saved) | set(cfg) if k not in skip and saved.get(k, config.BASE.get(k)) != cfg.get(k))
+    if diff:
+        raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
+                         "use another --out or the same flags")
+
+
+def check_optimizer(o, name: str, ck: Path):
+    """The optimizer state just loaded fits the model: every per-parameter tensor has its parameter's
+    shape (a moved or swapped tensor would fail at the first step, or train the wrong weights)."""
+    params = [p for g in o.param_groups for p in g["params"]]
+    if len(o.state) > len(params):
+        raise StateError(f"{ck / 'state.json'}: the optimizer of {name} holds {len(o.state)} states for {len(params)} parameters")
+    for i, p in enumerate(params):
+        for key, v in o.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise StateError(f"{ck / 'state.json'}: the optimizer of {name}: '{key}' of parameter {i} is "
+                                 f"{list(v.shape)}, the parameter {list(p.shape)}")
 
 
 def _read_json(path):
@@ -234,15 +319,8 @@ def load_checkpoint(out, cfg, models, opts, filters):
     if (ck / "state.pt").exists():
         raise StateError(f"{ck / 'state.pt'}: a pickled state (written by an older version); it is not loaded, "
                          "since unpickling can run code: continue with that version or start a new --out")
-    saved = _read_json(ck / "config.json")
-    if not isinstance(saved, dict):
-        raise StateError(f"{ck / 'config.json'}: not an object")
-    saved = {**{k: v for k, v in config.BASE.items() if k not in saved}, **saved}  # keys added since: their defaults
-    # a flag added after the checkpoint was written counts at its default there
-    diff = sorted(k for k in set(saved) | set(cfg) if k not in config.RUN_KEYS and saved.get(k, config.BASE.get(k)) != cfg.get(k))
-    if diff:
-        raise ValueError(f"{ck} was made with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}); "
-                         "use another --out or the same flags")
+    check_resume(out, cfg)
+    check_manifest(ck)
     results = _read_json(ck / "results.json")
     state = load_state(ck / "state")
     for n in models:
@@ -267,6 +345,10 @@ def load_checkpoint(out, cfg, models, opts, filters):
             f.load_state_dict(state["filters"][k])
     except Exception as e:
         raise StateError(f"{ck / 'state.json'}: does not fit this run ({type(e).__name__}: {str(e)[:120]})") from None
+    for n, o in opts.items():
+        check_optimizer(o, n, ck)
+    if "config" in results:
+        results["config"] = cfg  # the resumed run's flags (--rounds may extend it), never what the file says
     return rnd, results
 
 

@@ -6,9 +6,11 @@ checkpoints). A nested state (optimizer and filter state dicts) is stored as saf
 (`save_state`), never pickled: a pickle runs code when it is loaded. `crash_point` is the test hook
 that kills a process at a named moment (tests/test_reliability.py).
 """
+import hashlib
 import json
 import os
 import shutil
+import sys
 import signal
 import tempfile
 from pathlib import Path
@@ -106,6 +108,15 @@ def commit_link(tmp: Path, path, version: str):
     remove_stale(path)
 
 
+def remove_temps(path):
+    """Remove the temporary .NAME.* directories that killed writes of `path` (atomic_dir) left. Only for a
+    caller that holds `path`'s lock, so no live writer's directory is among them."""
+    path = Path(path)
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def remove_stale(path):
     """Remove what `commit_link` left beside the link `path` that it no longer points to: older
     NAME.* versions and temporary .NAME.* directories of writes that were killed."""
@@ -200,3 +211,94 @@ def load_state(path):
         return dec(tree)
     except RecursionError:
         raise StateError(f"{js}: nested too deeply") from None
+
+
+# -----------------------------------------------------------------------------
+# Checksums (a checkpoint's manifest) and a folder's owner (a run's lock)
+
+MANIFEST = "manifest.json"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path):
+    """d/manifest.json: the SHA-256 of every file under d (what `check_manifest` checks)."""
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+    (d / MANIFEST).write_text(json.dumps({p.relative_to(d).as_posix(): sha256(p) for p in files}, indent=1))
+
+
+def check_manifest(ck: Path):
+    """Every file the checkpoint's manifest lists is there with its SHA-256 (StateError naming the first
+    that is not); a checkpoint of an older version without a manifest is loaded with a warning."""
+    man = ck / MANIFEST
+    if not man.is_file():
+        print(f"{ck}: no {MANIFEST} (written by an older version): its files are not checked", file=sys.stderr)
+        return
+    try:
+        listed = json.loads(man.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        listed = None
+    if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
+        raise StateError(f"{man}: not a map of files to SHA-256 sums")
+    for rel, want in listed.items():
+        p = ck / rel
+        if ".." in Path(rel).parts or not p.is_file():
+            raise StateError(f"{p}: listed in {MANIFEST} but missing")
+        if sha256(p) != want:
+            raise StateError(f"{p}: its SHA-256 differs from the one written with it (the file is damaged)")
+
+
+def _started(pid: int):
+    """A process's start time (Linux: /proc), so a lock names its process even after its pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return started is None or _started(pid) == started
+
+
+def lock_out(out: Path):
+    """Take out/.lock for this process (its pid and start time): a run owns its folder. A lock of a live
+    process is refused with one line naming it; one of a process that is gone is taken over, with a line.
+    Returns the function that releases it (called when the run ends, also by an error)."""
+    lock, me = out / ".lock", {"pid": os.getpid(), "started": _started(os.getpid())}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, started = int(holder["pid"]), holder.get("started")
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, started = None, None
+            if pid is not None and pid != os.getpid() and _alive(pid, started):
+                raise ValueError(f"{out} is in use by process {pid} (its lock {lock}); wait for it to end, or choose another --out")
+            print(f"{out}: taking over the lock of process {pid}, which is gone", file=sys.stderr, flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+
+        def release():
+            try:
+                if json.loads(lock.read_text()).get("pid") == me["pid"]:
+                    lock.unlink()
+            except (OSError, ValueError):
+                pass
+        return release
+    raise ValueError(f"{lock}: cannot be taken (another process takes it at the same moment); try again")

@@ -39,7 +39,6 @@ import distill  # noqa: E402
 import eval as ev  # noqa: E402
 import config as C  # noqa: E402
 import parties as F  # noqa: E402
-import runs  # noqa: E402
 
 MODES = {"bf16-triton": ("bf16", "triton"), "bf16-torch": ("bf16", "torch"),
          "fp32-triton": ("fp32", "triton"), "fp32-torch": ("fp32", "torch"),

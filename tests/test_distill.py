@@ -387,7 +387,6 @@ def test_a_pair_with_a_wrong_sent_path_gets_no_gradient_and_no_reward(tok):
 def test_client_learn_v2_rewards_only_pairs_dard_trained_on(monkeypatch):
     """protocol.client_learn under `lada`: H_k is fedmkt's rule, A_k ⊂ H_k, and the rewards go to the
     kept pairs of A_k only (the wrong-y⁺ pair in A_k earns none)."""
-    import federated
     import protocol
 
     args = config.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])

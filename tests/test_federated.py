@@ -262,7 +262,7 @@ def test_client_learn_builds_the_spec_pairs_and_trains(hand_parties, monkeypatch
     score = {"logp_llm_yslm": torch.tensor([-50.0, -50.0, -5.0, -5.0])}
     seen, rewarded = [], []
     real, real_reward = distill.distill, protocol.reward_and_update
-    monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(protocol, "distill", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     monkeypatch.setattr(protocol, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real_reward(*a))
     before = [p.detach().clone() for p in client.model.parameters()]
     got = protocol.client_learn(client, offer, score, cfg, random.Random(0))
@@ -438,10 +438,9 @@ def test_correctness_follows_grading():
 def test_slm_pretrain_adds_shared_domain_problems_to_each_slm_warm_up(tmp_path, monkeypatch):
     """--slm_pretrain N: each generated SLM warms up on N solved problems of the LLM-only general set
     (shared domains, in no pool, validation or test set) followed by its private data; 0 = private alone."""
-    import distill
 
     seen = {}
-    monkeypatch.setattr(distill, "warm_up", lambda model, tok, examples, **kw: seen.setdefault(kw["desc"], examples) and 0.0)
+    monkeypatch.setattr(parties, "warm_up", lambda model, tok, examples, **kw: seen.setdefault(kw["desc"], examples) and 0.0)
     for n in (0, 7):
         seen.clear()
         cfg = config.resolve_config(config.parse_args(

@@ -20,12 +20,9 @@ from optional import need  # noqa: E402
 
 need("flwr")
 
-import config
-import runs
-import messages
 import federated  # noqa: E402
-import protocol  # noqa: E402
-import flower_app  # noqa: E402
+import flower_records  # noqa: E402
+import messages  # noqa: E402
 import models  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +46,7 @@ def test_records_carry_messages_losslessly():
            "logp_llm_yllm": odd, "nll_gold_llm": torch.zeros(0)}
     weights = {"state_dict": {"layers.0.w": torch.randn(3, 5), "emb.weight": torch.randn(4, 2).to(torch.bfloat16),
                               "pos": torch.arange(6, dtype=torch.int64)}}
-    meta, got = flower_app.unpack(flower_app.pack({"pool": msg, "weights": weights}, round=3, report={"x": None}))
+    meta, got = flower_records.unpack(flower_records.pack({"pool": msg, "weights": weights}, round=3, report={"x": None}))
     assert meta == {"round": 3, "report": {"x": None}}
     assert got["pool"]["questions"] == msg["questions"] and got["pool"]["y_llm"] == msg["y_llm"]
     for a, b in [(got["pool"]["logp_llm_yllm"], odd), (got["pool"]["nll_gold_llm"], msg["nll_gold_llm"])] + \
@@ -110,6 +107,7 @@ class Federation:
         bin_dir = str(Path(sys.executable).parent)  # where pip put flwr's commands (Flower calls them by name too)
         self.env = dict(os.environ, FLWR_HOME=str(root / "flwr-home"), PATH=bin_dir + os.pathsep + os.environ["PATH"])
         link, *nodes = free_ports(1 + len(SLMS))
+        self.link = link
         (root / "flwr-home").mkdir()
         (root / "flwr-home" / "config.toml").write_text(
             f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
@@ -119,11 +117,18 @@ class Federation:
             self.start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
                               "--node-config", f"party='{name}' dir='{root / 'clients'}'"], port)
 
-    def start(self, name, cmd, port):
+    def start(self, name, cmd, port, **env):
         log = self.root / f"{name}.log"
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=self.root, stdout=log.open("w"),
+        self.procs[name] = subprocess.Popen(cmd, env=dict(self.env, **env), cwd=self.root, stdout=log.open("w"),
                                             stderr=subprocess.STDOUT, start_new_session=True)
         wait_for_port(port, self.procs[name], log)
+
+    def restart_node(self, name, **env):
+        """Stop `name`'s SuperNode and start it again (on a new port), with `env` added to its environment."""
+        stop(self.procs[name])
+        port, = free_ports(1)
+        self.start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.link}", "--port", str(port),
+                          "--node-config", f"party='{name}' dir='{self.root / 'clients'}'"], port, **env)
 
     def run(self, flags, out):
         """`flwr run` of the app in this repository with federated.py's flags; waits for the run's end
@@ -259,3 +264,40 @@ def test_killed_client_is_skipped_and_the_run_finishes(fed, after_round_1):
         assert same_weights(fed.root / "ref" / "ckpt" / n, fed.clients(out) / n / "ckpt" / n)
     assert not math.isnan(r2["accuracy"]["llm"])
     assert (out / "results.md").read_text().count("\n") == 5  # header, rule, rounds 0, 1, 2
+
+
+def test_a_hostile_client_costs_itself_its_round_never_the_server_its_run(fed):
+    """slm3's SuperNode started with LADA_HOSTILE=1 (flower_records.tamper): in round 1 its report claims
+    0.99 for the LLM and for slm1; in round 2 its reply's meta is a JSON list. The server keeps only
+    slm3's own figures in round 1 (the LLM's and slm1's accuracy are the in-process run's), skips slm3 in
+    round 2 with its line in errors, and finishes the run."""
+    fed.restart_node("slm3", LADA_HOSTILE="1")
+    try:
+        out = fed.root / "hostile"
+        log = fed.run(fed.flags, out)
+    finally:
+        fed.restart_node("slm3")
+    got = results(out)
+    assert len(got["rounds"]) == 2, log[-3000:]
+    r1, r2, ref1 = got["rounds"][0], got["rounds"][1], fed.ref["rounds"][0]
+    assert not r1["errors"] and all(r1["accuracy"][n] == ref1["accuracy"][n] for n in ("llm", "slm1", "slm3"))
+    assert r1["accuracy"]["llm"] != 0.99 and r1["eval_n"]["llm"] == ref1["eval_n"]["llm"]
+    assert list(r2["errors"]) == ["slm3"] and "JSON list" in r2["errors"]["slm3"], r2["errors"]
+    assert "slm3" not in r2["accuracy"] and {"down/slm1", "down/slm2"} <= set(r2["selected"])
+    assert json.loads((out / "ckpt" / "results.json").read_text())["rounds"][0]["accuracy"] == r1["accuracy"]
+
+
+def test_unreadable_records_are_one_bad_message_each():
+    """What `unpack` refuses (each a BadMessage with its reason, never another exception): no meta, meta
+    that is not JSON, a JSON list, JSON nested past Python's limit, a kind without its .texts record."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    good = flower_records.pack({"client_paths": {"y_slm": ["a"], "logp_slm_yslm": torch.zeros(1)}}, party="slm1")
+    assert flower_records.unpack(good)[0] == {"party": "slm1"}
+    cases = {"no meta": RecordDict({}), "not JSON": RecordDict({"meta": ConfigRecord({"json": "{oops"})}),
+             "a JSON list": RecordDict({"meta": ConfigRecord({"json": "[1, 2]"})}),
+             "nested": RecordDict({"meta": ConfigRecord({"json": "[" * 100000 + "]" * 100000})}),
+             "no texts": RecordDict({"meta": ConfigRecord({"json": "{}"}), "client_paths.arrays": ArrayRecord()})}
+    for why, rd in cases.items():
+        with pytest.raises(messages.BadMessage):
+            flower_records.unpack(rd)

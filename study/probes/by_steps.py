@@ -17,9 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import data as D  # noqa: E402
-import config as C  # noqa: E402
 import parties as F  # noqa: E402
-import runs  # noqa: E402
 
 
 def column(example) -> str:

@@ -27,7 +27,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import eval as ev  # noqa: E402
 import config as C  # noqa: E402
 import parties as F  # noqa: E402
-import runs  # noqa: E402
 import protocol as P  # noqa: E402
 from distill import distill, make_optimizer, teacher_targets  # noqa: E402
 

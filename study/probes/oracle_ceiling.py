@@ -21,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import config as C  # noqa: E402
 import parties as F  # noqa: E402
-import runs  # noqa: E402
 from data import with_solutions  # noqa: E402
 from distill import warm_up  # noqa: E402
 from models import ZOO  # noqa: E402
