@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -112,7 +113,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, te
     puts in front of a path, all tokenized in one call."""
     if not prompts:
         return []
-    from tqdm import tqdm
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:

@@ -142,7 +142,8 @@ def _run(cfg, out, amp):
             ev = runs.merge_evaluations(runs.evaluate(cfg, p, rnd) for p in parties.values())
         runs.end_round(out, cfg, results, log.entry(ev),
                        lambda: runs.save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results), start, t_rounds)
-    print(runs.write_report(out, results))
+    runs.write_report(out, results)
+    print(runs.summary(results), flush=True)
     return results
 
 

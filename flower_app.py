@@ -369,4 +369,5 @@ def _serve(grid, cfg, timeout, out, amp):
         runs.end_round(out, cfg, results, entry,
                        lambda: runs.save_checkpoint(out, cfg, rnd, {"llm": server.model}, {"llm": server.tok},
                                                     {"llm": server.opt}, server.filters, results), start, t_rounds)
-    print(runs.write_report(out, results))
+    runs.write_report(out, results)
+    print(runs.summary(results), flush=True)

@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 import config
 from lora import check_parties, targets, uses_lora
@@ -51,8 +53,6 @@ class PlanError(ValueError):
 def meta_model(path):
     """The causal LM of checkpoint `path` on the meta device (config.json only, no weights read);
     ModelError if `path` is not a causal LM checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")
@@ -69,8 +69,6 @@ def meta_model(path):
 
 def _linears(model):
     """[(module name, d_in, d_out)] of every linear layer (nn.Linear, GPT-2's Conv1D) but the output head."""
-    from transformers.pytorch_utils import Conv1D
-
     head = model.get_output_embeddings()
     out = []
     for name, mod in model.named_modules():

@@ -10,6 +10,10 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
+                          PreTrainedTokenizerFast, Qwen2Config)
 
 from store import atomic_dir, commit_dir, crash_point
 
@@ -36,19 +40,16 @@ def build_tokenizer(kind: str, corpus: list[str], vocab_size: int | None = None,
     kind 'bpe':  byte-level BPE with digits split one per token, `vocab_size` entries.
     Saved to `path` (loadable with AutoTokenizer) when given.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if kind == "char":
         chars = sorted(set("".join(corpus)))
         vocab = {t: i for i, t in enumerate(SPECIAL + chars)}
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges = characters
+        tok = Tokenizer(tokenizer_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges = characters
         tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")  # bound word length
         tok.decoder = decoders.Fuse()
     elif kind == "bpe":
         if not vocab_size:
             raise ValueError("bpe tokenizer needs vocab_size")
-        tok = Tokenizer(models.BPE())
+        tok = Tokenizer(tokenizer_models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
         tok.decoder = decoders.ByteLevel()
@@ -94,8 +95,6 @@ ZOO = {
 def build_model(arch: str, tokenizer, d_model: int, n_layer: int, n_head: int, d_ff: int,
                 max_len: int = 1024, seed: int = 0):
     """A randomly initialized causal LM from a transformers config (dropout off)."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
-
     common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
     if arch in ("llama", "qwen2"):
@@ -148,8 +147,6 @@ def load_tokenizer(path):
     """The tokenizer saved in `path`. Our own (class TokenizersBackend/PreTrainedTokenizerFast) load as
     saved: beside a config.json, AutoTokenizer would pick the architecture's tokenizer class
     (e.g. Qwen2Tokenizer, with its own pre-tokenizer) and change the tokenization."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     cfg = Path(path) / "tokenizer_config.json"
     cls = json.loads(cfg.read_text()).get("tokenizer_class") if cfg.is_file() else None
     if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
@@ -185,8 +182,6 @@ def load_model(path, device="cpu", dtype=None):
     causal LM with a usable tokenizer. Only safetensors weights are read (pickled ones such as
     pytorch_model.bin can run code when loaded: they are refused), and no code from the directory is
     run (no trust_remote_code)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: not a model directory (no config.json)")

@@ -352,6 +352,25 @@ def load_checkpoint(out, cfg, models, opts, filters):
     return rnd, results
 
 
+def summary(results) -> str:
+    """What a run prints at its end: each party's accuracy after warm-up and after the last round (and
+    the problems it was read on), the bytes sent, the time, and what to run next."""
+    last = results["rounds"][-1] if results["rounds"] else None
+    cfg = results["config"]
+    lines = [f"{'party':<12}{'after warm-up':>15}{'after round ' + str(last['round']) if last else '':>17}   problems"]
+    for n, a0 in results["initial"].items():
+        a1 = f"{100 * last['accuracy'][n]:.1f}%" if last and n in last["accuracy"] else "–"
+        lines.append(f"{n:<12}{100 * a0:>14.1f}%{a1:>17}   {len(results['initial_correct'].get(n, ''))}")
+    sent = {d: sum(r["bytes"].get(d, 0) for r in results["rounds"]) / 1e6 for d in ("down", "up")}
+    setup, rounds = sum(results["seconds"].values()), sum(r["seconds"] for r in results["rounds"])
+    lines.append(f"sent {sent['down']:.2f} MB down, {sent['up']:.2f} MB up in {len(results['rounds'])} round(s); "
+                 f"{setup + rounds:.0f} s ({setup:.0f} s warm-up and round-0 evaluation, {rounds:.0f} s rounds)")
+    base = "fedmkt" if cfg["method"].startswith("lada") else "lada"
+    lines.append(f"next: python federated.py --scenario {cfg['scenario']} --method {base}  (the same run with "
+                 f"{'the host LaDa plugs into' if base == 'fedmkt' else 'LaDa'}); what such numbers mean: docs/study.md")
+    return "\n".join(lines)
+
+
 def write_report(out, results):
     """results.json (atomic), results.md (a table a person reads at a glance), accuracy.png."""
     tmp = out / "results.json.tmp"

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
 # Save / load: safetensors and JSON only, nothing pickled (a pickle runs code when loaded). A directory
@@ -156,8 +158,6 @@ def save_state(state, path):
             return x
         raise TypeError(f"save_state: cannot store a {type(x).__name__}")
 
-    from safetensors.torch import save_file
-
     path = Path(path)
     tree = enc(state)
     save_file(tensors, str(path.with_suffix(".safetensors")))
@@ -170,9 +170,6 @@ class StateError(ValueError):
 
 def load_state(path):
     """The state `save_state(state, PATH)` wrote; StateError if the files are anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     js, sf = path.with_suffix(".json"), path.with_suffix(".safetensors")
     for f in (js, sf):

@@ -11,6 +11,8 @@ gradient of Σ_b g_b · logp_b for a random g:
   triton_lean the same with LADA_KERNEL_BACKWARD=lean: grad_hidden token slice by token slice
               (extra memory a quarter or less; one more pass over the logits, 10NVd in all)
   triton_dard kernels.dard_loss_fused on the same rows read as B y⁺ then B y⁻ (loss, then its gradient)
+  triton_dard_w0  the same batch as imitation only (spec §4': every pair w = 0): the y⁻ rows are skipped,
+              so it should cost about half of triton_dard (FLOPs still counted over all rows)
   torch_ref   seq_logprob_reference: chunked, checkpointed torch (the CPU path)
   eager       materialized logits: (h @ Wᵀ).float() -> log_softmax -> gather (what HF does)
   compile     torch.compile(eager)
@@ -38,7 +40,7 @@ from unittest import mock
 
 import torch
 
-from .dard_loss import _DardLossFunction, dard_loss_reference
+from .dard_loss import _DardLossFunction, dard_loss_reference, mask_imitation_rows
 from .seq_logprob import _INTERPRETED, HAS_TRITON, _SeqLogprobFunction, seq_logprob_reference, triton
 
 _slp = importlib.import_module(__package__ + ".seq_logprob")  # the module (kernels.seq_logprob is the function)
@@ -49,7 +51,7 @@ SHAPES = {  # (tokens, vocab, hidden)
 }
 SHAPES.update(dict(zip(["0.5b", "7b", "8b"], ([s] for s in SHAPES["paper"]))))  # one paper shape each
 SHAPES["all"] = SHAPES["small"] + SHAPES["paper"]
-PROVIDERS = ["triton", "triton_lean", "triton_dard", "torch_ref", "eager", "compile", "liger", "cce", "cce_exact"]
+PROVIDERS = ["triton", "triton_lean", "triton_dard", "triton_dard_w0", "torch_ref", "eager", "compile", "liger", "cce", "cce_exact"]
 INTERPRET_MAX_WORK = 2**22  # N·V·d above which interpreted Triton is skipped (minutes per call)
 BETA, ALPHA = 0.1, 0.1  # DARD constants for triton_dard (spec §4 defaults)
 
@@ -64,7 +66,7 @@ def eager_seq_logprob(hidden, weight, labels):
 def make_provider(name, device, dard):
     """fn(hidden, weight, labels) -> (B,) fp32 per-sequence log-probs (for triton_dard: the loss),
     or a string saying why it cannot run. `dard` holds triton_dard's fixed ref_logps and q."""
-    if name in ("triton", "triton_dard", "triton_lean"):
+    if name in ("triton", "triton_dard", "triton_dard_w0", "triton_lean"):
         if not HAS_TRITON:
             return "triton not importable"
         if device.type != "cuda" and not _INTERPRETED:
@@ -76,7 +78,10 @@ def make_provider(name, device, dard):
                 with mock.patch.dict(os.environ, LADA_KERNEL_BACKWARD="lean"):
                     return _SeqLogprobFunction.apply(h, w, y, -100, None)
             return lean
-        return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100, None)[0]
+        if name == "triton_dard_w0":  # imitation only: the kernel's own masking of the y⁻ rows (mask_imitation_rows)
+            return lambda h, w, y: _DardLossFunction.apply(h, w, mask_imitation_rows(y, dard["w0"]), dard["ref"], dard["q"],
+                                                           BETA, ALPHA, -100, None, dard["w0"])[0]
+        return lambda h, w, y: _DardLossFunction.apply(h, w, y, dard["ref"], dard["q"], BETA, ALPHA, -100, None, None)[0]
     if name == "torch_ref":
         return seq_logprob_reference
     if name == "eager":
@@ -123,6 +128,10 @@ def f64_reference(hidden, weight, labels, grad_out, dard):
     loss, _ = dard_loss_reference(h, w, labels, dard["ref"].double(), dard["q"].double(), BETA, ALPHA)
     loss.backward()
     ref["dard"] = (h.grad, w.grad)
+    h.grad = w.grad = None
+    loss, _ = dard_loss_reference(h, w, labels, dard["ref"].double(), dard["q"].double(), BETA, ALPHA, w=dard["w0"])
+    loss.backward()
+    ref["dard_w0"] = (h.grad, w.grad)
     return ref
 
 
@@ -172,7 +181,8 @@ def make_inputs(shape, dtype, device, seq_len=1024):
     labels = torch.randint(0, V, (N // T, T), generator=g).to(device)
     grad_out = torch.randn(N // T, generator=g).to(device)
     B = max(1, N // T // 2)  # triton_dard: rows 0..B-1 are y⁺, B..2B-1 y⁻
-    dard = dict(ref=(-float(T) * 12 + torch.randn(2 * B, generator=g)).to(device), q=torch.rand(B, generator=g).to(device))
+    dard = dict(ref=(-float(T) * 12 + torch.randn(2 * B, generator=g)).to(device), q=torch.rand(B, generator=g).to(device),
+                w0=torch.zeros(B, device=device))
     return hidden, weight, labels, grad_out, dard
 
 
@@ -181,14 +191,14 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
     (R, T, d), V = hidden.shape, weight.shape[0]
     N = R * T
     row = dict(provider=name, tokens=N, vocab=V, hidden=d, dtype=str(hidden.dtype).split(".")[-1])
-    if name == "triton_dard" and R % 2:
+    if name.startswith("triton_dard") and R % 2:
         return dict(row, note="needs an even number of rows")
     fn = make_provider(name, device, dard)
     if isinstance(fn, str):
         return dict(row, note=fn)
     if name.startswith("triton") and device.type != "cuda" and N * V * d > INTERPRET_MAX_WORK:
         return dict(row, note="interpreted: shape too large")
-    is_loss = name == "triton_dard"
+    is_loss = name.startswith("triton_dard")
     g = torch.ones((), device=device) if is_loss else grad_out
 
     def drop_grads():
@@ -201,7 +211,7 @@ def bench_one(name, inputs, ref, device, reps, peak_tflops):
     try:
         out = fwd()
         out.backward(g)
-        gh_ref, gw_ref = ref["dard" if is_loss else "seq"]
+        gh_ref, gw_ref = ref[name[len("triton_"):] if is_loss else "seq"]
         frozen = not weight.requires_grad  # --frozen: the head as under LoRA, no weight gradient
         if frozen and weight.grad is not None:
             raise RuntimeError("a frozen weight got a gradient")

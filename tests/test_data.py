@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
+import answers
 from answers import gold_answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
@@ -126,8 +127,7 @@ def test_convention_of_a_private_only_domain_by_hand():
     assert data.with_convention(p) == {
         "question": p["question"] + " Count the usual warm-up too.", "domain": "time",
         "answer": "After removing, 12 - 2 = <<12-2=10>>10 minutes.\nWith the usual warm-up, 10 + 10 = <<10+10=20>>20 minutes.\n#### 20"}
-    import eval as ev
-    assert ev.extract_answer(data.with_convention(p)["answer"], "strict") == "20"
+    assert answers.extract_answer(data.with_convention(p)["answer"], "strict") == "20"
 
 
 def test_private_only_domain_is_answer_only_on_the_server():

@@ -271,6 +271,9 @@ def test_a_hostile_client_costs_itself_its_round_never_the_server_its_run(fed):
     0.99 for the LLM and for slm1; in round 2 its reply's meta is a JSON list. The server keeps only
     slm3's own figures in round 1 (the LLM's and slm1's accuracy are the in-process run's), skips slm3 in
     round 2 with its line in errors, and finishes the run."""
+    for n in SLMS:  # a node another test stopped comes back first
+        if fed.procs[n].poll() is not None:
+            fed.restart_node(n)
     fed.restart_node("slm3", LADA_HOSTILE="1")
     try:
         out = fed.root / "hostile"

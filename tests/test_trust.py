@@ -250,3 +250,17 @@ def test_a_killed_cache_write_leaves_nothing_for_good(tmp_path, cache):
     assert (entry / "info.json").is_file() and not left.exists()
     assert not [p for p in entry.parent.iterdir() if p.name.startswith(f".{entry.name}.") and p.is_dir()]
     assert models.load_cached_party(entry) is not None
+
+
+def test_the_end_of_a_run_is_one_table_and_what_to_run_next():
+    """runs.summary on a hand-made result: 2 rounds, 1.5 + 2.5 MB down, 0.5 + 0.5 MB up, 10 s of set-up
+    and 20 + 30 s of rounds."""
+    res = {"config": {"method": "lada", "scenario": "hetero"}, "initial": {"llm": 0.5, "slm1": 0.125},
+           "initial_correct": {"llm": "10", "slm1": "10000000"}, "seconds": {"warm-up": 8.0, "evaluation": 2.0},
+           "rounds": [{"round": 1, "accuracy": {"llm": 0.5, "slm1": 0.25}, "bytes": {"down": 1.5e6, "up": 0.5e6}, "seconds": 20.0},
+                      {"round": 2, "accuracy": {"llm": 1.0, "slm1": 0.375}, "bytes": {"down": 2.5e6, "up": 0.5e6}, "seconds": 30.0}]}
+    lines = runs.summary(res).splitlines()
+    assert lines[0].split() == ["party", "after", "warm-up", "after", "round", "2", "problems"]
+    assert lines[1].split() == ["llm", "50.0%", "100.0%", "2"] and lines[2].split() == ["slm1", "12.5%", "37.5%", "8"]
+    assert lines[3] == "sent 4.00 MB down, 1.00 MB up in 2 round(s); 60 s (10 s warm-up and round-0 evaluation, 50 s rounds)"
+    assert "--method fedmkt" in lines[4] and "docs/study.md" in lines[4]
