@@ -345,7 +345,8 @@ def distill_plugin(model, tokenizer, opt, host, pairs, local_data, plug_loss: st
     The host sets the schedule (cfg['distill_epochs'] passes over H_k in batches of distill_batch); the
     kept pairs are drawn from an endless shuffled stream, one batch a step.
     Returns the mean loss terms, steps, and "plugin": pair counts by kind, "trained" (indices into
-    `pairs` of the kept pairs that fit max_len: their rewards update the filter) and the mean change of
+    `pairs` of the kept pairs that fit max_len), "rewarded" (those and the dropped picks: the pairs whose
+    rewards update the filter, a dropped one's 0, as §3.3 gives a wrong path) and the mean change of
     log p per token against pi_ref (the model as this call starts) of the trained y+ and of the y- of
     contrast pairs, over the trained pairs ("dlogp_pos", "dlogp_neg"; None without such pairs).
     """
@@ -365,9 +366,12 @@ def distill_plugin(model, tokenizer, opt, host, pairs, local_data, plug_loss: st
     ok = [a and b for a, b in zip(fits(pos), fits(neg))]
     keep, pos, neg = ([x for x, o in zip(xs, ok) if o] for xs in (keep, pos, neg))
     w = [int(kinds[i] == "contrast") for i in keep]  # spec §4': contrast only where y- is wrong
-    diag.update(trained=keep, too_long=len(host) - len(h_rows) + sum(not o for o in ok), dlogp_pos=None, dlogp_neg=None)
+    # the filter's feedback (§3.3): each kept pair trained on, and each dropped pick, whose wrong y+ earns 0
+    rewarded = sorted(keep + [i for i, k in enumerate(kinds) if k == "dropped"])
+    diag.update(trained=keep, rewarded=rewarded, too_long=len(host) - len(h_rows) + sum(not o for o in ok),
+                dlogp_pos=None, dlogp_neg=None)
     if not h_rows:
-        return dict(steps=0, plugin=dict(diag, trained=[]))
+        return dict(steps=0, plugin=dict(diag, trained=[], rewarded=[]))
     # pi_ref: the student as this distillation starts; y- rows only where a contrast reads them
     ref_pos, n_pos = score_rows(model, pos, pad, 2 * bs, device)
     con = [j for j in range(len(keep)) if w[j]]

@@ -179,9 +179,9 @@ def client_learn(client, offer, llm_score, cfg, rng) -> dict:
                       correct_neg=bool(c_k[i])) for i in A]
         got = distill_plugin(client.model, client.tok, client.opt, [dict(question=qs[i], y_pos=y_llm[i]) for i in H],
                              pairs, client.local, plug_loss, cfg, rng, cfg["device"])  # 6
-        trained = [A[j] for j in got["plugin"]["trained"]]  # rewards only for pairs DARD v2 trained on
-        reward = (reward_and_update(cfg, client, qs, y_llm, trained, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
-                  if trained else None)  # 7
+        fed_back = [A[j] for j in got["plugin"]["rewarded"]]  # trained on, or dropped (reward 0: its y+ is wrong)
+        reward = (reward_and_update(cfg, client, qs, y_llm, fed_back, st["lp_yllm"], st["n_yllm"], c_llm, filt, feats, emb)
+                  if fed_back else None)  # 7
         return dict(selected=len(A), reward=reward, plugin=plugin_diagnostics(H, A, got["plugin"]),
                     losses={k: v for k, v in got.items() if k not in ("steps", "n", "plugin")})
     A = allocate(alloc, filt, feats, emb, offer.get("nll_gold_llm"), st.get("nll_gold"), c_llm, cfg, rng, count)  # 5
@@ -243,7 +243,8 @@ def server_learn(server, cfg, rng) -> dict:
 def _server_learn_plugin(server, cfg, rng) -> dict:
     """6', 7' of v2 (spec §4'): L trains on the union of the host's H_k (SFT on y_k) plus gamma * the
     plug-in's loss on the union of the A_k (y+ = y_k, y- = y_L), in one distillation; then each F_k^up is
-    rewarded for the pairs of its A_k that were trained on. Returns {"losses", "rewards", "plugin"}."""
+    rewarded for the pairs of its A_k that were trained on, and 0 for its dropped picks (a wrong y_k).
+    Returns {"losses", "rewards", "plugin"}."""
     st, qs = server.state, server.state["qs"]
     host, pairs, owner = [], [], []  # owner[j]: (client, pool index) of pairs[j]
     for name, ck in st["clients"].items():
@@ -257,7 +258,7 @@ def _server_learn_plugin(server, cfg, rng) -> dict:
     got = distill_plugin(server.model, server.tok, server.opt, host, pairs, server.local, PLUGIN[cfg["method"]][1],
                          cfg, rng, cfg["device"])  # 6'
     diag = got["plugin"]
-    trained = [owner[j] for j in diag["trained"]]
+    trained = [owner[j] for j in diag["rewarded"]]  # trained on, or dropped (reward 0: its y+ is wrong)
     rewards, plugin = {}, {}
     for name, ck in st["clients"].items():  # 7': what L learned of each y_k, for the pairs it trained on
         if "B" not in ck:

@@ -363,10 +363,11 @@ def _plugin_cfg(**kw):
                      distill_lr_scale=1.0), **kw)
 
 
-def test_a_pair_with_a_wrong_sent_path_gets_no_gradient_and_no_reward(tok):
+def test_a_pair_with_a_wrong_sent_path_gets_no_gradient_and_a_reward_of_0(tok):
     """Spec §4': y⁺ wrong -> dropped. The host's SFT on H_k alone, and the host's SFT plus DARD v2 on
     a wrong-y⁺ pair, leave bit-identical weights (same seed); the pair is not among those trained on,
-    so it earns no reward. A correct pair in its place changes the weights."""
+    but it is among those the filter hears of, with reward 0 (§3.3: a wrong path earns 0; see
+    docs/study-v2.md, amendment A1). A correct pair in its place changes the weights."""
     def run(pairs):
         model, ctok = models.new_party("llama-tiny", ("char",), CORPUS, seed=3)
         opt = distill.make_optimizer(model, 1e-3)
@@ -379,14 +380,16 @@ def test_a_pair_with_a_wrong_sent_path_gets_no_gradient_and_no_reward(tok):
     dropped, w1 = run([wrong])
     kept, w2 = run([right])
     assert torch.equal(w0, w1) and dropped["plugin"]["trained"] == [] and dropped["plugin"]["dropped"] == 1
+    assert dropped["plugin"]["rewarded"] == [0]
     assert dropped["dard2"] == 0.0 and host_only["steps"] == dropped["steps"] == 2
-    assert kept["plugin"]["trained"] == [0] and kept["plugin"]["contrast"] == 1 and not torch.equal(w0, w2)
+    assert kept["plugin"]["trained"] == kept["plugin"]["rewarded"] == [0] and kept["plugin"]["contrast"] == 1
+    assert not torch.equal(w0, w2)
     assert kept["plugin"]["dlogp_pos"] > 0  # y⁺ rose above π_ref (imitated and contrasted)
 
 
 def test_client_learn_v2_rewards_only_pairs_dard_trained_on(monkeypatch):
-    """protocol.client_learn under `lada`: H_k is fedmkt's rule, A_k ⊂ H_k, and the rewards go to the
-    kept pairs of A_k only (the wrong-y⁺ pair in A_k earns none)."""
+    """protocol.client_learn under `lada`: H_k is fedmkt's rule, A_k ⊂ H_k; the filter hears of every
+    pick of A_k, the wrong-y⁺ pair (dropped, not trained on) with reward exactly 0."""
     import protocol
 
     args = config.parse_args(["--smoke", "--method", "lada", "--scenario", "one2one"])
@@ -402,8 +405,10 @@ def test_client_learn_v2_rewards_only_pairs_dard_trained_on(monkeypatch):
              "nll_gold_llm": torch.tensor([1.0, 1.0, 1.0, 3.0])}  # fedmkt's H_k: where the LLM fits gold better: 0, 1, 2
     rewarded, real = [], protocol.reward_and_update
     monkeypatch.setattr(protocol, "reward_and_update", lambda *a: rewarded.append(list(a[4])) or real(*a))
+    rewards, real_reward = [], protocol.learnability_reward
+    monkeypatch.setattr(protocol, "learnability_reward", lambda *a: rewards.append(real_reward(*a)) or rewards[-1])
     monkeypatch.setattr(protocol, "plugin_pick", lambda kind, filt, feats, emb, host, *a: list(host))  # A_k = H_k
     got = protocol.client_learn(client, offer, {"logp_llm_yslm": torch.full((4,), -50.0)}, cfg, random.Random(0))
     assert got["plugin"]["H"] == 3 and got["plugin"]["A"] == 3 == got["selected"]
     assert (got["plugin"]["contrast"], got["plugin"]["imitation"], got["plugin"]["dropped"]) == (1, 1, 1)
-    assert rewarded == [[0, 2]]  # pair 1 (wrong y+) was dropped: no reward, no filter update
+    assert rewarded == [[0, 1, 2]] and rewards[0][1].item() == 0.0  # pair 1 (wrong y+): dropped, reward 0
