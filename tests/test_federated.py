@@ -13,6 +13,7 @@ import config
 import parties
 import methods
 import runs
+import store
 import messages
 import federated
 import models
@@ -147,6 +148,7 @@ def test_resume_gives_identical_numbers(tmp_path, cache, monkeypatch):
                                          "--distill_lr_scale", "0.5"]) == 2
     saved = tmp_path / "cut" / "ckpt" / "config.json"  # as written before --distill_lr_scale existed: at its default
     saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "distill_lr_scale"}))
+    store.write_manifest(saved.parent.resolve())  # that version's checkpoint: its own checksums
     resumed = run(args + ["--resume"], tmp_path / "cut", cache)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "phases")} for r in rs]
     assert strip(resumed["rounds"]) == strip(full["rounds"])
