@@ -124,7 +124,7 @@ RULES = {">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 10": lambda v: 
 # failure (a traceback) instead of a line
 MAXIMA = dict(rounds=10**5, pool_size=10**6, budget=10**6, min_budget=10**6, plugin_budget=10**6, filter_epochs=10**4,
               embed_dim=4096, local_steps=10**6, local_batch=2**16, distill_epochs=10**4, distill_batch=2**16,
-              max_new_tokens=2**16, max_len=2**20, eval_batch=2**16, score_batch=2**16, n_public=10**7, n_private=10**7,
+              max_new_tokens=2**20, max_len=2**24, eval_batch=2**16, score_batch=2**16, n_public=10**7, n_private=10**7,
               n_val=10**7, n_test=10**7, n_general=10**7, min_steps=64, max_steps=64, max_value=10**9, warm_llm=10**8,
               warm_slm=10**8, warm_batch=2**16, eval_subset=10**7, slm_pretrain=10**7, lora=2**16)
 

@@ -234,7 +234,7 @@ def test_a_moved_optimizer_tensor_is_refused_with_one_line(one_round, cache, cap
 # Sizes and the cache
 
 @pytest.mark.parametrize("flag,value", [("embed_dim", 10**12), ("max_new_tokens", 10**12), ("pool_size", 10**9),
-                                        ("max_len", 2**21)])
+                                        ("max_len", 2**25)])
 def test_every_size_flag_has_a_bound(flag, value, tmp_path, capfd):
     assert federated.main(["--smoke", f"--{flag}", str(value), "--out", str(tmp_path / "o")]) == 2
     assert f"--{flag} must be at most {config.MAXIMA[flag]}, got {value}" in one_line(capfd)
