@@ -85,8 +85,10 @@ def resume_in_process(out, cache, capfd, extra=()):
 
 
 def test_resume_refuses_crafted_and_damaged_state(reference, tmp_path, capfd):
-    """Every file of a checkpoint replaced by a pickle that would write a marker, or damaged: resume
-    stops with one line naming the file, exit code 2, and the marker never appears."""
+    """Every file of a checkpoint replaced by a pickle that would write a marker, or damaged, and its
+    manifest written anew (a crafted checkpoint with consistent checksums; the checksums alone are
+    tested in tests/test_trust.py): resume stops with one line naming the file, exit code 2, and the
+    marker never appears."""
     marker = tmp_path / "marker"
 
     def bomb(ck, name):
@@ -123,6 +125,7 @@ def test_resume_refuses_crafted_and_damaged_state(reference, tmp_path, capfd):
         out = tmp_path / f"o{i}"
         shutil.copytree(reference["out"], out, symlinks=True)
         damage(out / "ckpt")
+        store.write_manifest((out / "ckpt").resolve())
         code, err = resume_in_process(out, reference["cache"], capfd)
         assert code == 2 and len(err) == 1 and says in err[0] and "Traceback" not in err[0], (i, err)
         assert not marker.exists(), i
