@@ -39,7 +39,8 @@ BASE = dict(
 BASE.update(LORA_FLAGS)  # --lora, --lora_alpha, --lora_dropout, --lora_targets, --lora_parties, --grad_ckpt (lora.py)
 PRESETS = {
     "default": dict(),
-    "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, min_budget=4, local_steps=10, local_batch=32,
+    # plugin_budget: v2's A_k at most a quarter of the pool, as the default's 64 of 256
+    "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, plugin_budget=16, min_budget=4, local_steps=10, local_batch=32,
                 n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
                 max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160,
                 eval_batch=128, score_batch=128),
@@ -51,7 +52,7 @@ PRESETS = {
                     max_steps=3, max_value=12, private_only="time", private_only_share=0.3, warm_llm=1200,
                     warm_slm=400, warm_batch=32, max_new_tokens=256, eval_subset=100, eval_batch=128, score_batch=128,
                     grading="checked", slm_pretrain=1000),
-    "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, min_budget=2, local_steps=3, local_batch=8,
+    "smoke": dict(parties="smoke", rounds=2, pool_size=16, budget=6, plugin_budget=6, min_budget=2, local_steps=3, local_batch=8,
                   distill_epochs=1, distill_batch=8, n_public=200, n_private=100, n_test=24, n_val=10,
                   n_general=200, min_steps=2, max_steps=2, max_value=20, warm_llm=60, warm_slm=30, warm_batch=16,
                   max_new_tokens=64, filter_epochs=3),
