@@ -106,11 +106,11 @@ def open_run(cfg):
     the seed and the device settings. Returns (out, amp, release): amp is the autocast context of cfg's
     dtype, release() gives the folder back."""
     out = Path(cfg["out"])
-    if has_checkpoint(out) and not cfg["resume"]:
-        raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    release = lock_out(out)
+    release = lock_out(out)  # first: a folder a live run holds is "in use", whatever it holds yet
     try:
+        if has_checkpoint(out) and not cfg["resume"]:
+            raise ValueError(f"{out} already holds a run; add --resume to continue it, or choose another --out")
         if cfg["resume"] and has_checkpoint(out):
             check_resume(out, cfg)
     except Exception:

@@ -154,8 +154,8 @@ def test_two_real_processes_on_one_out(tmp_path, cache):
     """The second of two `federated.py` processes started on one --out stops at once with one line;
     the first finishes and leaves no lock behind."""
     out = tmp_path / "o"
-    cmd = [sys.executable, str(REPO / "federated.py"), *FAST, "--out", str(out), "--cache", cache]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, str(REPO / "federated.py"), *FAST, "--rounds", "3", "--out", str(out), "--cache", cache]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t_end = time.time() + 120
     while not (out / ".lock").exists():
         assert time.time() < t_end and first.poll() is None
@@ -164,7 +164,7 @@ def test_two_real_processes_on_one_out(tmp_path, cache):
     assert first.wait(300) == 0
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(err) == 1 and f"in use by process {first.pid}" in err[0]
-    assert not (out / ".lock").exists() and len(json.loads((out / "results.json").read_text())["rounds"]) == 1
+    assert not (out / ".lock").exists() and len(json.loads((out / "results.json").read_text())["rounds"]) == 3
 
 
 # -----------------------------------------------------------------------------
