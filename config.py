@@ -140,8 +140,10 @@ def check_config(cfg):
                 raise ValueError(f"--{k} must be {'a finite number ' if isinstance(v, float) else 'an integer '}{rule}, got {x!r}")
             if k in MAXIMA and x > MAXIMA[k]:
                 raise ValueError(f"--{k} must be at most {MAXIMA[k]}, got {x!r}")
-    for lo, hi in (("min_budget", "budget"), ("min_steps", "max_steps")) + ((("min_budget", "plugin_budget"),)
-                                                                          if cfg["method"] in P.PLUGIN else ()):
+    ordered = [("min_budget", "budget"), ("min_steps", "max_steps")]
+    if cfg["method"] in P.PLUGIN:  # v2's filter picks at least min_budget within H_k too
+        ordered.append(("min_budget", "plugin_budget"))
+    for lo, hi in ordered:
         if cfg[lo] > cfg[hi]:
             raise ValueError(f"--{lo} {cfg[lo]} is larger than --{hi} {cfg[hi]}")
     if cfg["parties"] not in PARTIES:

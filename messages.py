@@ -5,6 +5,7 @@ A message is a dict of one SCHEMA kind. `send` checks a message's fields and cou
 sizes, finite values), raising BadMessage with the field and the reason.
 """
 import math
+from collections import Counter
 
 import torch
 
@@ -135,7 +136,7 @@ def weights_signature(sd: dict) -> dict:
     return {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
 
 
-def json_key(sig: dict) -> str:
+def signature_key(sig: dict) -> str:
     return repr(sorted((k, s, str(d)) for k, (s, d) in sig.items()))
 
 
@@ -157,9 +158,9 @@ def receive_weights(replies: dict, reference: dict | None = None) -> tuple[dict,
             sds[n] = sd
     if reference is None and sds:  # the signature most clients share (a tie: none, and FedAvg is skipped)
         sigs = [weights_signature(sd) for sd in sds.values()]
-        counts = sorted((sigs.count(s) for s in {json_key(s): s for s in sigs}.values()), reverse=True)
-        best = max(sigs, key=sigs.count)
-        reference = best if len(counts) == 1 or counts[0] > counts[1] else None
+        keys = [signature_key(s) for s in sigs]
+        ranked = Counter(keys).most_common(2)
+        reference = sigs[keys.index(ranked[0][0])] if len(ranked) == 1 or ranked[0][1] > ranked[1][1] else None
     for n in list(sds):
         sig = weights_signature(sds[n])
         why = None

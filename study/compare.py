@@ -190,11 +190,10 @@ def grid_runs(scenarios, methods, seeds, scenario_lada_loss=False):
         yield from scenario_runs(lambda m: m == "lada-loss")
 
 
-def best_scale(res_dir: Path, name: str, scales) -> float | None:
-    """The scale x whose tuning run `name.format(x=x)` (under tune/, or a path of folders) has the highest
-    SLM mean on the validation sets; a tie goes to the larger scale, the nearer to the registered setting
-    (means rounded: equal counts can differ in the float's last bit). None while a run is missing."""
-    sub, name = ("tune", name) if "/" not in name else name.rsplit("/", 1)
+def best_scale(res_dir: Path, name: str, scales, sub: str = "tune") -> float | None:
+    """The scale x whose tuning run `sub/name.format(x=x)` has the highest SLM mean on the validation sets;
+    a tie goes to the larger scale, the nearer to the registered setting (means rounded: equal counts can
+    differ in the float's last bit). None while a run is missing."""
     got = {x: runs_of(res_dir, sub, name.format(x=x)).get(0) for x in scales}
     if any(r is None for r in got.values()):
         return None
@@ -257,7 +256,7 @@ def v2_tune_runs():
 def v2_gamma(res_dir: Path) -> float | None:
     """The gamma whose tuning run has the highest SLM mean on the validation sets (a tie to the larger
     gamma, the nearer to the default 1); None while a tuning run is missing."""
-    return best_scale(res_dir, "v2/tune/lada-g{x}", V2_GAMMAS)
+    return best_scale(res_dir, "lada-g{x}", V2_GAMMAS, sub="v2/tune")
 
 
 def v2_runs(gamma: float, scenarios=("hetero",)):
