@@ -34,15 +34,19 @@ BASE = dict(
     private_only="", private_only_share=0.3,  # the testbed's knowledge split (data.make_splits); "" = none
     eval_subset=0, counts_from="", eval_split="test", grading="flexible", slm_pretrain=0,  # evaluate rounds before the last on the first N test problems (0 = all); see `allocate`
     warm_llm=6000, warm_slm=1500, warm_batch=64, warm_lr=3e-3,
-    parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache",
+    parties="gpu", seed=0, data_seed=-1, device="auto", dtype="auto", cache="cache", rewarm=False,
 )
 BASE.update(LORA_FLAGS)  # --lora, --lora_alpha, --lora_dropout, --lora_targets, --lora_parties, --grad_ckpt (lora.py)
 PRESETS = {
     "default": dict(),
     # plugin_budget: v2's A_k at most a quarter of the pool, as the default's 64 of 256
-    "cpu": dict(parties="cpu", rounds=4, pool_size=64, budget=16, plugin_budget=16, min_budget=4, local_steps=10, local_batch=32,
-                n_public=2000, n_private=1500, n_test=100, n_val=50, n_general=6000, min_steps=2, max_steps=3,
-                max_value=30, warm_llm=1200, warm_slm=400, warm_batch=32, max_new_tokens=160,
+    # a small testbed (docs/cpu.md): the testbed's data design (1-3-step problems with numbers up to 12, the
+    # private-only domain "time", checked grading, scarce private data after 1000 shared-domain problems) at
+    # sizes a 2-core CPU runs in about a minute (docs/cpu.md); its hetero warm-ups ship in bases/ (`python bases/make.py`)
+    "cpu": dict(parties="cpu", rounds=3, pool_size=32, budget=8, plugin_budget=8, min_budget=2, local_steps=5, local_batch=32,
+                n_public=3000, n_private=100, n_test=200, n_val=50, n_general=6000, min_steps=1, max_steps=3,
+                max_value=12, private_only="time", private_only_share=0.3, grading="checked", slm_pretrain=1000,
+                warm_llm=1200, warm_slm=1200, warm_batch=32, max_new_tokens=256, eval_subset=50,
                 eval_batch=128, score_batch=128),
     # the testbed of the comparison (docs/study.md, "The testbed"): scarce private data, a domain only the clients
     # know, 1-3-step problems the SLMs learn in part, a budget of an eighth of the pool
@@ -210,6 +214,7 @@ HELP = {
     "slm_pretrain": "solved problems of the shared domains (from the LLM-only general set) in each generated SLM's warm-up, besides its private data",
     "grading": "how a final answer is graded, for the loop and the accuracies: flexible (GSM8K harness) | strict (\"#### N\") | checked (strict, and every <<a=b>> computes)",
     "eval_batch": "prompts per generation call", "score_batch": "paths per scoring batch", "cache": "directory of warmed-up models",
+    "rewarm": "warm the generated parties up here (into --cache) instead of starting from the shipped bases in bases/",
 }
 HELP.update(LORA_HELP)
 

@@ -216,11 +216,16 @@ class Progress:
             self.bar.close()
 
 
+FIRST_LOSSES = 10  # warm-up losses kept with a warmed-up model (a short re-run checks them)
+
+
 def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-            device="cpu", desc="warm-up", max_len: int = 512) -> float:
+            device="cpu", desc="warm-up", max_len: int = 512, first: list | None = None, stop: int | None = None) -> float:
     """`steps` AdamW steps of SFT on (question, gold solution) pairs (spec §6: each party warmed up
     on its own data before the rounds); returns the mean loss of the last 20 steps. Call it inside
-    `autocast(...)` for bf16 on a GPU."""
+    `autocast(...)` for bf16 on a GPU. `first` (a list) receives the losses of the first FIRST_LOSSES
+    steps, and `stop` ends the same schedule after that many steps: what tests/test_bases.py re-runs
+    of a shipped base's warm-up."""
     rng = random.Random(seed)
     data = TokenizedSet(tokenizer, examples, max_len, name=desc)
     model.to(device).train()
@@ -229,17 +234,21 @@ def warm_up(model, tokenizer, examples, steps: int, batch_size: int = 32, lr: fl
         opt, lambda s: min(1.0, (s + 1) / max(1, min(50, steps // 10))) * max(0.1, 1 - s / steps))
     batches, tail, last = data.batches(batch_size, rng), [], None
     bar = Progress(steps, desc)
-    for step in range(steps):
+    for step in range(steps if stop is None else min(stop, steps)):
         loss = sft_loss(model, data.batch(next(batches), device))
         optimizer_step(model, opt, loss)
         sched.step()
         last = loss.detach()
         if step >= steps - 20:
             tail.append(last)
+        if first is not None and step < FIRST_LOSSES:
+            first.append(last)
         bar.step(lambda: f"loss {last.item():.3f}")
         crash_point("warm_up")  # a test hook (tests/test_reliability.py); nothing unless LADA_CRASH_AT says so
     bar.close()
     model.eval()
+    if first is not None:
+        first[:] = [float(x) for x in first]
     return float(torch.stack(tail).mean()) if tail else float("nan")
 
 

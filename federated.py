@@ -2,7 +2,8 @@
 
     python federated.py --scenario hetero                    # GPU sizes on a GPU; without one, the CPU preset
     python federated.py --scenario hetero --smoke            # the whole loop on CPU in about a minute
-    python federated.py --scenario hetero --preset cpu       # reduced sizes that learn on a CPU
+    python federated.py --scenario hetero --preset cpu       # a small testbed, from the shipped bases (bases/)
+    python federated.py --scenario hetero --rewarm           # the same, warming every party up here first
     python federated.py --scenario hetero --preset default   # the GPU sizes, wherever it runs
     python federated.py --scenario homo --method fedmkt      # a baseline (local, fedmkt, lada-v1, ...)
     python federated.py --llm DIR --slms DIR,DIR --data gsm8k:PATH   # local checkpoints, real data

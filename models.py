@@ -7,6 +7,7 @@ random initialization (Llama, Qwen2, GPT-2 families). Real checkpoints load from
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from tokenizers import models as tokenizer_models
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
                           PreTrainedTokenizerFast, Qwen2Config)
 
-from store import atomic_dir, commit_dir, crash_point
+from store import MANIFEST, atomic_dir, commit_dir, crash_point, sha256
 
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
@@ -285,6 +286,42 @@ def load_cached_party(path, device="cpu"):
         raise ModelError(f"{str(e) if isinstance(e, ModelError) else f'{path}/info.json: {e}'}; "
                          "delete this cache entry to rebuild it") from None
     return model, tok, dict(info, cached=True)
+
+
+# Shipped bases: warm-up cache entries made by `python bases/make.py` with the project's own warm-up and
+# committed (the CPU preset's hetero parties, seed 0), so that a first run starts from warmed-up models as
+# real users start from pretrained checkpoints. A base is used only where its name (party and key) is the
+# cache entry a run computes: a change to the preset, the data or the warm-up gives another key, and a warm-up.
+BASES = Path(__file__).resolve().parent / "bases"
+
+
+def check_base(base: Path):
+    """ModelError unless every file of the base is there with the SHA-256 its manifest.json lists."""
+    try:
+        listed = json.loads((base / MANIFEST).read_text(encoding="utf-8"))
+        bad = [rel for rel, want in listed.items() if ".." in Path(rel).parts or sha256(base / rel) != want]
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise ModelError(f"{base}: no readable {MANIFEST} ({type(e).__name__}); run `python bases/make.py` "
+                         "again, or --rewarm") from None
+    if bad:
+        raise ModelError(f"{base / bad[0]}: its SHA-256 differs from {MANIFEST}'s (the file is damaged); "
+                         "run `python bases/make.py` again, or --rewarm")
+
+
+def copy_base(path) -> Path | None:
+    """Put the shipped base of the cache entry `path` into the cache (checked against its manifest; its
+    info.json then names the base, so --rewarm knows the entry for a copy). None where none is shipped."""
+    base = BASES / Path(path).name
+    if not (base / "info.json").is_file():
+        return None
+    check_base(base)
+    tmp = atomic_dir(path)
+    shutil.copytree(base, tmp, dirs_exist_ok=True)
+    (tmp / MANIFEST).unlink()
+    info = json.loads((tmp / "info.json").read_text(encoding="utf-8"))
+    (tmp / "info.json").write_text(json.dumps(dict(info, base=base.name)))
+    commit_dir(tmp, path)
+    return base
 
 
 def new_party(zoo_name: str, tok_spec: tuple, corpus: list[str], seed: int = 0, max_len: int = 1024):

@@ -16,7 +16,7 @@ from filter import FEATURE_DIM, LearnabilityFilter
 from lora import base_dtype, check_parties, prepare
 from memory import check, meta_model
 from methods import PLUGIN, SCENARIOS, uses_filter
-from models import load_cached_party, load_model, lock_entry, n_params, new_party, party_cache_dir, save_model
+from models import copy_base, load_cached_party, load_model, lock_entry, n_params, new_party, party_cache_dir, save_model
 from store import remove_temps
 
 def n_clients(cfg) -> int:
@@ -145,22 +145,27 @@ def warm_jobs(cfg, splits, only=None) -> dict:
         seed = cfg["data_seed"] + (0 if SCENARIOS[cfg["scenario"]]["shared_init"] else i)  # homo: one initialization
         warm = dict(steps=steps, batch_size=cfg["warm_batch"], lr=cfg["warm_lr"], max_len=cfg["max_len"])
         path = party_cache_dir(cfg["cache"], name, zoo, tok_spec, corpus, warm_data, warm, seed)
-        jobs[name] = (path, (name, zoo, tok_spec, corpus, warm_data, warm, seed, dev))
+        jobs[name] = (path, (name, zoo, tok_spec, corpus, warm_data, warm, seed, dev, cfg["rewarm"]))
     return jobs
 
 
-def warm_party(path, name, zoo, tok_spec, corpus, warm_data, warm, seed, dev):
-    """(model, tokenizer, info) of a party of the zoo: read from its warm-up cache entry, or built,
-    warmed up on warm_data and stored there (one rename: a cut run leaves no half entry)."""
+def warm_party(path, name, zoo, tok_spec, corpus, warm_data, warm, seed, dev, rewarm=False):
+    """(model, tokenizer, info) of a party of the zoo: read from its warm-up cache entry; else copied
+    there from its shipped base (models.BASES; not with `rewarm`); else built, warmed up on warm_data
+    and stored there (one rename: a cut run leaves no half entry). With `rewarm` an entry that is a
+    copy of a shipped base is warmed up again; one a warm-up wrote is kept."""
     got = load_cached_party(path, device=dev)
-    if got is not None:
+    if got is not None and not (rewarm and got[2].get("base")):
         return got
     remove_temps(path)  # what a killed write of this entry left (this process holds the entry's lock)
+    if not rewarm and (base := copy_base(path)) is not None:
+        print(f"{name}: starts from its shipped base {base.parent.name}/{base.name} (--rewarm warms it up here instead)", flush=True)
+        return load_cached_party(path, device=dev)
     model, tok = new_party(zoo, tok_spec, corpus, seed)
-    t0 = time.time()
-    loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", **warm)
+    t0, first = time.time(), []
+    loss = warm_up(model, tok, warm_data, seed=seed, device=dev, desc=f"warm-up {name}", first=first, **warm)
     info = dict(params=n_params(model), warm_seconds=round(time.time() - t0, 1), warm_loss=loss, zoo=zoo,
-                tokenizer=list(tok_spec), vocab=len(tok))
+                tokenizer=list(tok_spec), vocab=len(tok), first_losses=first)
     save_model(model, tok, path, info=info)
     return model, tok, dict(info, cached=False)
 

@@ -267,7 +267,7 @@ def save_checkpoint(out, cfg, rnd, models, toks, opts, filters, results):
     commit_link(tmp, out / "ckpt", f"r{rnd:04d}")
 
 
-NEUTRAL = ("cache", "device", "out")  # flags that change where a run works, not its results
+NEUTRAL = ("cache", "device", "out", "rewarm")  # flags that change where a run works, not its results
 
 
 def check_resume(out: Path, cfg):
