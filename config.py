@@ -164,7 +164,7 @@ def check_config(cfg):
 
 
 # What a run takes where no GPU is found (measured: README, quick start)
-CPU_MINUTES = {"cpu": "about 10 minutes on a 2-core CPU, 2 once its warmed-up models are cached",
+CPU_MINUTES = {"cpu": "about a minute on a 2-core CPU, from the warmed-up models in bases/",
                "default": "days on a CPU (it is sized for one GPU)"}
 
 
