@@ -1,6 +1,6 @@
 """make.py: the shipped bases, the warmed-up parties a first run starts from (models.BASES).
 
-    python bases/make.py      # about 15 minutes (one thread)
+    python bases/make.py      # about 17 minutes (one thread)
 
 Warms up the parties of `python federated.py --scenario hetero` on the CPU preset (seed 0) with the
 project's own warm-up (distill.warm_up, exactly as a run without a base would), in a scratch cache,
