@@ -39,10 +39,10 @@ BASE = dict(
 BASE.update(LORA_FLAGS)  # --lora, --lora_alpha, --lora_dropout, --lora_targets, --lora_parties, --grad_ckpt (lora.py)
 PRESETS = {
     "default": dict(),
-    # plugin_budget: v2's A_k at most a quarter of the pool, as the default's 64 of 256
     # a small testbed (docs/cpu.md): the testbed's data design (1-3-step problems with numbers up to 12, the
     # private-only domain "time", checked grading, scarce private data after 1000 shared-domain problems) at
-    # sizes a 2-core CPU runs in about a minute (docs/cpu.md); its hetero warm-ups ship in bases/ (`python bases/make.py`)
+    # sizes a 2-core CPU runs in about a minute; its hetero warm-ups ship in bases/ (`python bases/make.py`);
+    # plugin_budget: v2's A_k at most a quarter of the pool, as the default's 64 of 256
     "cpu": dict(parties="cpu", rounds=3, pool_size=32, budget=8, plugin_budget=8, min_budget=2, local_steps=5, local_batch=32,
                 n_public=3000, n_private=100, n_test=200, n_val=50, n_general=6000, min_steps=1, max_steps=3,
                 max_value=12, private_only="time", private_only_share=0.3, grading="checked", slm_pretrain=1000,

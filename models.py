@@ -16,7 +16,7 @@ from tokenizers import models as tokenizer_models
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig,
                           PreTrainedTokenizerFast, Qwen2Config)
 
-from store import MANIFEST, atomic_dir, commit_dir, crash_point, sha256
+from store import MANIFEST, StateError, atomic_dir, check_manifest, commit_dir, crash_point
 
 SPECIAL = ["<pad>", "<eos>", "<unk>"]
 
@@ -296,16 +296,12 @@ BASES = Path(__file__).resolve().parent / "bases"
 
 
 def check_base(base: Path):
-    """ModelError unless every file of the base is there with the SHA-256 its manifest.json lists."""
+    """ModelError unless every file of the base is there with the SHA-256 its manifest.json lists
+    (store.check_manifest, the manifest required)."""
     try:
-        listed = json.loads((base / MANIFEST).read_text(encoding="utf-8"))
-        bad = [rel for rel, want in listed.items() if ".." in Path(rel).parts or sha256(base / rel) != want]
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise ModelError(f"{base}: no readable {MANIFEST} ({type(e).__name__}); run `python bases/make.py` "
-                         "again, or --rewarm") from None
-    if bad:
-        raise ModelError(f"{base / bad[0]}: its SHA-256 differs from {MANIFEST}'s (the file is damaged); "
-                         "run `python bases/make.py` again, or --rewarm")
+        check_manifest(base, required=True)
+    except StateError as e:
+        raise ModelError(f"{e}; run `python bases/make.py` again, or --rewarm") from None
 
 
 def copy_base(path) -> Path | None:

@@ -230,11 +230,14 @@ def write_manifest(d: Path):
     (d / MANIFEST).write_text(json.dumps({p.relative_to(d).as_posix(): sha256(p) for p in files}, indent=1))
 
 
-def check_manifest(ck: Path):
-    """Every file the checkpoint's manifest lists is there with its SHA-256 (StateError naming the first
-    that is not); a checkpoint of an older version without a manifest is loaded with a warning."""
+def check_manifest(ck: Path, required: bool = False):
+    """Every file the directory's manifest lists is there with its SHA-256 (StateError naming the first
+    that is not); a checkpoint of an older version without a manifest is loaded with a warning, unless
+    the manifest is `required` (then that is a StateError too)."""
     man = ck / MANIFEST
     if not man.is_file():
+        if required:
+            raise StateError(f"{man}: missing")
         print(f"{ck}: no {MANIFEST} (written by an older version): its files are not checked", file=sys.stderr)
         return
     try:

