@@ -294,20 +294,22 @@ def holder(dest: Path, workdir: Path) -> int | None:
         return None
 
 
-def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]:
-    """What of the whole comparison is done, running (a live process holds its lock) and still to do,
-    and the hours left at the pace of the finished runs (`run_seconds`, as they ran: mostly two at a
-    time): a run to do is estimated by the median of the finished runs of its method in the same
-    folder (hetero, gap, tune, ...), else of its method anywhere, else of all runs; a running run by
-    that times the share of its rounds not yet in its log."""
+def status(res_dir: Path, workdir: Path, seeds, scenarios, methods, v2_scenarios=("hetero",)) -> list[str]:
+    """What of the whole comparison (v1's parts, then v2's) is done, running (a live process holds its
+    lock) and still to do, and the hours left at the pace of the finished runs (`run_seconds`, as they
+    ran: mostly two at a time): a run to do is estimated by the median of the finished runs of its
+    method in the same folder (hetero, gap, tune, v2/hetero, ...), else of its method anywhere, else of
+    all runs; a running run by that times the share of its rounds not yet in its log."""
     done = {}  # (folder, method) -> [seconds]
-    for f in res_dir.glob("*/*.json"):
+    for f in [*res_dir.glob("*/*.json"), *res_dir.glob("v2/*/*.json")]:
         r = json.loads(f.read_text())
-        done.setdefault((f.parent.name, r.get("config", {}).get("method", "")), []).append(run_seconds(r))
+        folder = f.parent.relative_to(res_dir).as_posix()
+        done.setdefault((folder, r.get("config", {}).get("method", "")), []).append(run_seconds(r))
     every = [x for xs in done.values() for x in xs]
 
     def estimate(dest: Path, method: str) -> float:
-        same = done.get((dest.parent.name, method)) or [x for (_, m), xs in done.items() if m == method for x in xs]
+        same = (done.get((dest.parent.relative_to(res_dir).as_posix(), method))
+                or [x for (_, m), xs in done.items() if m == method for x in xs])
         return statistics.median(same or every or [0.0])
 
     loc = tuned_local_scale(res_dir)
@@ -316,7 +318,9 @@ def status(res_dir: Path, workdir: Path, seeds, scenarios, methods) -> list[str]
         tune += [("hetero", m, 0, [], res_dir / "tune" / f"{m}-l?-x{x}-s0.json") for m in TUNE_METHODS for x in TUNE_SCALES]
     scales = tuned_scales(res_dir) or {m: (1.0, 1.0) for m in FOLLOWUP_METHODS}  # result files do not depend on them
     parts = {"headroom": headroom_runs(seeds), "grid": grid_runs(scenarios, methods, seeds),
-             "follow-up F0": tune, "follow-up F1-F4": followup_runs(scales)}
+             "follow-up F0": tune, "follow-up F1-F4": followup_runs(scales), "v2 gamma (validation)": v2_tune_runs()}
+    for scen in v2_scenarios:  # the result files do not depend on the gamma chosen
+        parts[f"v2 test ({scen})"] = v2_runs(v2_gamma(res_dir) or V2_GAMMAS[0], (scen,))
     rounds = {**config.BASE, **config.PRESETS[PRESET]}["rounds"]
     lines = ["| part | runs | done | running | to do | hours left (one process, at the finished runs' pace) |",
              "|---|---|---|---|---|---|"]
@@ -808,7 +812,8 @@ def main(argv=None):
     RESULTS = Path(args.results).resolve() if args.results else None
     res_dir, workdir = res_root(), Path(args.workdir)
     if args.status:
-        print("\n".join(status(res_dir, workdir, seeds, args.scenarios.split(","), args.methods.split(","))))
+        print("\n".join(status(res_dir, workdir, seeds, args.scenarios.split(","), args.methods.split(","),
+                                args.v2_scenarios.split(","))))
         return 0
     make_todo = None
     if args.v2_tune or args.v2:

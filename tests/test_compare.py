@@ -391,6 +391,7 @@ def test_status_counts_runs_and_estimates_the_hours_left(tmp_path, monkeypatch):
                                          "rounds": [{"seconds": s} for s in rounds]}
     _write(res / "hetero", "local-s0", run("local", 100.0, [120.0, 80.0]))  # 300 s
     _write(res / "gap", "mid-lada-s1", run("lada", 0.0, [600.0]))  # 600 s, a seed outside the grid's
+    _write(res / "v2" / "hetero", "fedmkt-s6", run("fedmkt", 50.0, [400.0]))  # 450 s, v2's first test run
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     work = tmp_path / "w"
     live = compare.lock_path(res / "hetero" / "lada-s0.json", work)
@@ -411,7 +412,10 @@ def test_status_counts_runs_and_estimates_the_hours_left(tmp_path, monkeypatch):
     assert rows["follow-up F0"][1:] == ["12", "0", "0", "12", f"{(900 + 3 * (450 + 450 + 600)) / 3600:.1f}"]
     f14 = 3 * (300 + 450 + 600 + 450 + 450)  # local, fedmkt, lada, random, lada-filter on seeds 3-5
     assert rows["follow-up F1-F4"][1:] == ["15", "0", "0", "15", f"{f14 / 3600:.1f}"]
-    assert rows["all"][-1] == f"{(2460 + 750 + 5400 + f14) / 3600:.1f}"
+    assert rows["v2 gamma (validation)"][1:] == ["3", "0", "0", "3", f"{3 * 600 / 3600:.1f}"]  # lada at 3 gammas
+    v2 = 3 * (300 + 600 + 450 + 450) + 2 * 450  # local, lada, lada-random, lada-sft; fedmkt's seeds 7-8
+    assert rows["v2 test (hetero)"][1:] == ["15", "1", "0", "14", f"{v2 / 3600:.1f}"]
+    assert rows["all"][-1] == f"{(2460 + 750 + 5400 + f14 + 1800 + v2) / 3600:.1f}"
 
 
 def test_bad_flags_give_one_line_and_exit_2(capsys):
