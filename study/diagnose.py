@@ -1,6 +1,6 @@
 """The default preset's warm-up on a GPU, taken apart: does it learn, does generation agree with itself, where do steps go.
 
-    python study/diagnose.py [--parties slm3,llm] [--steps 300] [--eval 32] [--profile 20]
+    python study/diagnose.py [--parties slm3,llm] [--steps 300] [--eval 32] [--profile 20] [federated.py's flags]
 
 On 2026-11-26 (H200, results/gpu/h200_2026-11-26/) the default preset's warm-ups ended at batch
 losses of 0.29 (llm) and 1.1-1.7 (SLMs), every party then solved 0-3% of its test problems, and a
@@ -59,7 +59,7 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
     model, tokenizer, the last batch): the real warm_up (distill.warm_up via federated.build_parties), stopped early."""
     os.environ["LADA_KERNEL"] = kernel
     losses, times, held = [], [], {}
-    sft, warm_up = distill.sft_loss, distill.warm_up
+    sft, warm_up = distill.sft_loss, F.warm_up
 
     def recording(model, enc):
         held["enc"] = enc
@@ -78,15 +78,18 @@ def first_steps(cfg, splits, name, steps, dtype, kernel):
         held.update(model=model, tok=tokenizer)
         return warm_up(model, tokenizer, *args, **kw)
 
-    distill.sft_loss, distill.crash_point, distill.warm_up = recording, stop_at, holding
-    cfg = dict(cfg, dtype=dtype, cache=os.path.join(cfg["cache"], f"{dtype}-{kernel}-{time.time_ns()}"))
+    crash_point = distill.crash_point
+    # each name patched where it is used: warm_up calls sft_loss and crash_point in distill; parties calls warm_up
+    distill.sft_loss, distill.crash_point, F.warm_up = recording, stop_at, holding
+    cfg = dict(cfg, dtype=dtype, cache=os.path.join(cfg["cache"], f"{dtype}-{kernel}-{time.time_ns()}"),
+               rewarm=True)  # a warm-up, never a shipped base (bases/)
     try:
         with distill.autocast(cfg["device"], dtype):
             F.build_parties(cfg, splits, only=[name])
     except Stop:
         pass
     finally:
-        distill.sft_loss, distill.warm_up = sft, warm_up
+        distill.sft_loss, distill.crash_point, F.warm_up = sft, crash_point, warm_up
     ms = (times[-1] - times[0]) / max(1, steps - 2) * 1e3 if len(times) == 2 else float("nan")
     return [float(x) for x in torch.stack(losses).cpu()], ms, held["model"], held["tok"], held.get("enc")
 
@@ -160,9 +163,9 @@ def main():
     ap.add_argument("--cache", default="/tmp/diagnose_cache")
     ap.add_argument("--grads", action="store_true",
                     help="after each party's first mode, compare its last batch's gradients in fp32 and bf16")
-    args = ap.parse_args()
+    args, run_flags = ap.parse_known_args()  # the rest are federated.py's flags, e.g. --warm_batch 256 --warm_lr 6e-3
     cfg = C.resolve_config(C.parse_args(["--scenario", "hetero", "--preset", args.preset, "--device", args.device,
-                                         "--cache", args.cache]))
+                                         "--cache", args.cache, *run_flags]))
     splits = F.make_data(cfg, 3)
     for name in args.parties.split(","):
         for mode in args.modes.split(","):

@@ -167,3 +167,14 @@ def test_the_bases_leave_the_rounds_something_to_move(run, committed):
     slms = [acc[n] for n in acc if n != "llm"]
     assert cfg["grading"] == "checked" and len(slms) == 3
     assert acc["llm"] >= 0.5 and acc["llm"] - max(slms) >= 0.2 and min(slms) >= 0.02, acc
+
+
+def test_diagnose_replays_the_first_steps_of_a_shipped_warm_up(run, committed, tmp_path, monkeypatch):
+    """study/diagnose.py (what a GPU session runs to see where a warm-up's steps go) steps the run's own
+    warm-up, not a shipped base: its first losses are those bases/make.py recorded."""
+    from study import diagnose
+    monkeypatch.setenv("LADA_KERNEL", "")  # diagnose sets it for the head it tests; the test gives it back
+    cfg, splits = run
+    losses, _, _, _, _ = diagnose.first_steps(dict(cfg, cache=str(tmp_path)), splits, "slm2", FIRST_LOSSES, "fp32", "")
+    recorded = models.load_cached_party(committed["slm2"][0])[2]["first_losses"]
+    np.testing.assert_allclose(losses, recorded, rtol=RERUN_RTOL)
