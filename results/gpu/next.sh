@@ -3,11 +3,14 @@
 # liger-kernel 0.8.5, cut-cross-entropy 25.1.1 wheels for Python 3.12; see results/gpu/h200_2026-11-26/run.sh):
 #   BUDGET=540 bash results/gpu/next.sh 2>&1 | tee $OUT/driver.log
 # 1. the CUDA tests of the kernels and distillation (new: a whole step under torch's sync debug mode);
-# 2. where a step of the default run's fp32 LLM warm-up goes: ms/step with the head picked by size (torch's,
-#    at these vocabularies) and with the fused one, then a profile of 20 steps;
-# 3. the default run, cold (fp32 + TF32); its log gives the per-phase table (warm-ups here, `phases` of each
-#    round in log.jsonl);
-# 4. the default run again with what the cold run cached (the rounds, if the cold run's time ran out in them);
+# 2. the default run's fp32 LLM warm-up, its first 300 steps (ms/step, loss per 50 steps, a profile of 20
+#    steps), against the same 19,200 samples in 75 steps of 256 at twice the lr (schedule of 1500 steps):
+#    does a 4x larger batch cost about the same per step (overhead-bound) and reach the same loss?
+# 3. the default run, cold (fp32 + TF32), with that warm-up (--warm_batch 256, a quarter of the steps, lr x2:
+#    today's 6000 + 3 x 1500 steps at about 45 ms leave no time for the rounds); its log gives the per-phase
+#    table (warm-ups here, `phases` of each round in log.jsonl) and the accuracies after warm-up: if they
+#    reach the CPU preset's, the default preset takes these warm-up values;
+# 4. the same run again with what the cold run cached (the rounds, if the cold run's time ran out in them);
 # 5. the kernel bench at the 8B head (the lean backward, LADA_KERNEL_BACKWARD=lean, among its providers), then the
 #    frozen head (weight without gradient) at the 7B head.
 T0=$(date +%s); DEADLINE=$((T0 + ${BUDGET:-540}))
@@ -26,9 +29,11 @@ step() {  # step NAME MAXSECONDS CMD...
   grep -v "^warm-up" $OUT/$name.log | tail -8
 }
 step tests 45 python3 -m pytest -q -rs tests/test_kernels.py tests/test_distill.py
-step profile 60 python3 study/diagnose.py --parties llm --modes fp32-auto,fp32-triton --steps 100 --eval 0 --profile 20
-step cold 270 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache
-step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache
+WARM="--warm_batch 256 --warm_llm 1500 --warm_slm 375 --warm_lr 6e-3"
+step warmup 80 sh -c "python3 study/diagnose.py --parties llm --modes fp32-auto --steps 300 --eval 0 --profile 20;
+  python3 study/diagnose.py --parties llm --modes fp32-auto --steps 75 --eval 0 --profile 0 $WARM"
+step cold 250 python3 federated.py --scenario hetero --out /tmp/runs/cold --cache /tmp/cache $WARM
+step warm 120 python3 federated.py --scenario hetero --out /tmp/runs/warm --cache /tmp/cache $WARM
 step bench 85 sh -c 'python3 -m kernels.bench --shapes 8b --out /tmp/runs/bench_8b.csv;
   python3 -m kernels.bench --shapes 7b --frozen --providers triton,triton_lean,eager --out /tmp/runs/bench_7b_frozen.csv'
 (cd /tmp/runs && tar czf $OUT/data.tar.gz $(ls -d env.txt *.csv */results.json */log.jsonl 2>/dev/null))  # $OUT: 6 logs, driver.log (env.txt is in it too), this: 8 files
