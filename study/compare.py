@@ -31,6 +31,7 @@ seed. The hypotheses and their rule were written (docs/study.md) before the grid
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -120,17 +121,25 @@ def supersede_other_warm_ups(dest: Path, res: dict) -> list[Path]:
     return moved
 
 
+def took_counts(rand: dict, lada: dict) -> bool:
+    """Whether a `random` (v1) or `lada-random` (v2) run picked, per round and student, what the `lada`
+    run picked: its count, or (v2) all of its own host allocation H_k where that is smaller."""
+    def want(mine, theirs):
+        return {k: min(n, mine.get("plugin", {}).get(k, {}).get("H", n)) for k, n in theirs.get("selected", {}).items()}
+    return (len(rand["rounds"]) == len(lada["rounds"])
+            and all(m.get("selected", {}) == want(m, t) for m, t in zip(rand["rounds"], lada["rounds"])))
+
+
 def supersede_random_of_other_counts(folder: Path, seed: int) -> Path | None:
-    """`random` takes, per student and round, the counts of the `lada` run of its folder and seed. If
-    that `lada` run was run again (say, from other warm-ups) after `random` read its counts, the two no
-    longer match: `random` moves to superseded/counts/ and the grid runs it again. Returns the moved file."""
-    lada, rand = folder / f"lada-s{seed}.json", folder / f"random-s{seed}.json"
-    if not (lada.exists() and rand.exists()):
-        return None
-    picks = lambda p: [r.get("selected", {}) for r in json.loads(p.read_text())["rounds"]]  # noqa: E731
-    if picks(lada) == picks(rand):
-        return None
-    return supersede(rand, "counts", f"took other counts than {lada.name}")
+    """`random` (v1) and `lada-random` (v2) take, per student and round, the counts of the `lada` run of
+    their folder and seed. If that `lada` run was run again (say, from other warm-ups) after they read
+    its counts, the two no longer match: the random run moves to superseded/counts/ and the grid runs it
+    again. Returns the moved file, if any."""
+    lada, moved = folder / f"lada-s{seed}.json", None
+    for rand in (folder / f"random-s{seed}.json", folder / f"lada-random-s{seed}.json"):
+        if lada.exists() and rand.exists() and not took_counts(json.loads(rand.read_text()), json.loads(lada.read_text())):
+            moved = supersede(rand, "counts", f"took other counts than {lada.name}")
+    return moved
 
 
 def supersede(result: Path, why: str, because: str) -> Path:
@@ -415,10 +424,12 @@ def fmt_ci(ci):
 
 
 def runs_of(res_dir: Path, sub: str, name: str) -> dict:
-    """{seed: results} of results/<preset>/<sub>/<name>-s<seed>.json."""
+    """{seed: results} of results/<preset>/<sub>/<name>-s<seed>.json (the name exactly: lada's are not
+    lada-sft's)."""
     out = {}
     for p in sorted((res_dir / sub).glob(f"{name}-s*.json")):
-        out[int(p.stem.rsplit("-s", 1)[1])] = json.loads(p.read_text())
+        if (m := re.fullmatch(re.escape(name) + r"-s(\d+)", p.stem)):
+            out[int(m[1])] = json.loads(p.read_text())
     return out
 
 
@@ -452,7 +463,9 @@ def table(runs: dict, title: str) -> list[str]:
     warm = {s: dict(r, rounds=[]) for s, r in any_run.items()}
     cols = parties + ["SLM mean", "MB/round", "s/run"]
     sizes = ", ".join(f"{p} {len(r0['initial_correct'][p])}" for p in parties)
-    md = [f"\n**{title}** ({len(any_run)} seed(s); final accuracy %, mean ± std over seeds; problems per set: {sizes})\n",
+    n = sorted({len(rs) for rs in runs.values()})
+    seeds = f"{n[0]} seed(s)" if len(n) == 1 else f"{n[0]}–{n[-1]} seeds per method, the warm-up row {len(any_run)}"
+    md = [f"\n**{title}** ({seeds}; final accuracy %, mean ± std over seeds; problems per set: {sizes})\n",
           "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, rs in [("after warm-up", warm)] + list(runs.items()):
         cells = [acc_cell(rs, p) for p in parties] + [slm_mean(rs)]
@@ -618,7 +631,7 @@ def v2_hypotheses(runs, scen) -> list[str]:
     """V1-V4 of docs/study-v2.md: paired differences with 95% intervals and the registered verdicts."""
     got = {m: runs.get(m, {}) for m in V2_METHODS}
     if not got["lada"]:
-        return []
+        return ["", f"V1–V4, {scen}: not yet (no `lada` run)."]
     rows = []
     for tag, base, who, sel in (("V1", "fedmkt", "SLM mean", SLM), ("V2a", "fedmkt", "LLM, private-only domain", LLM_PRIVATE),
                                 ("V3", "lada-random", "SLM mean (same counts)", SLM), ("V4", "lada-sft", "SLM mean (same picks)", SLM)):

@@ -447,6 +447,27 @@ def test_random_is_run_again_when_its_lada_run_changed(tmp_path, monkeypatch):
     assert moved.exists() and not (d / "random-s1.json").exists() and (d / "lada-s1.json").exists()
 
 
+def test_lada_random_is_run_again_when_its_lada_run_changed(tmp_path, monkeypatch):
+    """v2: `lada-random` takes lada's count, or all of its own host allocation H_k where that is smaller;
+    a count that is neither moves it to superseded/counts/."""
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results")
+    d = tmp_path / "results" / compare.PRESET / "v2" / "hetero"
+
+    def run(*picked, host=(64, 64)):
+        r = _result({"llm": _bits(1, 4), "slm1": _bits(1, 4)})
+        r["rounds"] = [dict(r["rounds"][0], round=i + 1, selected={"down/slm1": k}, plugin={"down/slm1": {"H": h}})
+                       for i, (k, h) in enumerate(zip(picked, host))]
+        return r
+
+    _write(d, "lada-s6", run(16, 9))
+    _write(d, "lada-random-s6", run(16, 5, host=(64, 5)))  # round 2: its H_k held 5, fewer than lada's 9
+    assert compare.supersede_random_of_other_counts(d, 6) is None
+    _write(d, "lada-random-s6", run(16, 5, host=(64, 7)))  # 7 in H_k, yet only 5 taken: not lada's counts
+    moved = compare.supersede_random_of_other_counts(d, 6)
+    assert moved == tmp_path / "results" / compare.PRESET / "superseded" / "counts" / "hetero" / "lada-random-s6.json"
+    assert not (d / "lada-random-s6.json").exists() and (d / "lada-s6.json").exists()
+
+
 
 # -----------------------------------------------------------------------------
 # LaDa v2 (docs/study-v2.md): v1's labels rerun as lada-v1*, gamma on validation, V1-V4 from files
@@ -494,11 +515,13 @@ def test_v2_gamma_is_chosen_on_validation_and_test_runs_follow_it(tmp_path, monk
 
 def test_v2_hypotheses_from_files(tmp_path):
     """V1 (lada − fedmkt, SLMs) +10 points in every seed: supported; V2b, the LLM's public test −1 point
-    (non-inferior at a −2 margin only if the interval's low end is above −2); V3 contradicted; V4 not run."""
+    (non-inferior at a −2 margin only if the interval's low end is above −2); V3 contradicted; V4 +5
+    (lada-sft's files beside lada's, whose names share a prefix, are told apart); then without lada-sft,
+    V4 not run, and without lada, a line saying so."""
     n = 100
     init = {"llm": _bits(50, n), "llm-private": _bits(5, n), "slm1": _bits(10, n)}
     for s in (6, 7, 8):
-        for m, (llm, slm) in {"fedmkt": (50, 20), "lada": (49, 30), "lada-random": (50, 40)}.items():
+        for m, (llm, slm) in {"fedmkt": (50, 20), "lada": (49, 30), "lada-random": (50, 40), "lada-sft": (48, 25)}.items():
             _write(tmp_path / "v2" / "hetero", f"{m}-s{s}", _result({"llm": _bits(llm, n), "llm-private": _bits(5, n),
                                                                      "slm1": _bits(slm, n)}, init))
     text = compare.v2_tables(tmp_path)
@@ -509,4 +532,14 @@ def test_v2_hypotheses_from_files(tmp_path):
     assert est == "-1.0" and rows["V2b"][3] == ("supported" if lo > -2 else "not decided")
     assert rows["V2a"][1].startswith("+0.0") and rows["V2a"][3] == "not decided"
     assert rows["V3"][1].startswith("-10.0") and rows["V3"][3] == "contradicted"
-    assert rows["V4"][3] == "not run"
+    assert rows["V4"][1].startswith("+5.0 [") and rows["V4"][3] == "supported"
+    assert "| lada | 49.0 ± 0.0 | 5.0 ± 0.0 | 30.0 ± 0.0 |" in text and "| lada-sft | 48.0 ± 0.0 |" in text
+    for s in (6, 7, 8):
+        (tmp_path / "v2" / "hetero" / f"lada-sft-s{s}.json").unlink()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in compare.v2_tables(tmp_path).splitlines() if line.startswith("| V")}
+    assert rows["V4"][3] == "not run" and rows["V1"][1].startswith("+10.0 [")
+    for s in (6, 7, 8):
+        (tmp_path / "v2" / "hetero" / f"lada-s{s}.json").unlink()
+    text = compare.v2_tables(tmp_path)
+    assert "| V" not in text and "V1–V4, hetero: not yet (no `lada` run)." in text
