@@ -3,7 +3,7 @@ method's own defaults, then flags; the resolved dict is printed first and saved 
 
     cfg, notice = config_from_flags(argv)     # what federated.py and flower_app.py both call
 
-Sizes of the parties: models.ZOO. Scenarios and methods (spec §2's tables): protocol.py.
+Sizes of the parties: models.ZOO. Scenarios and methods (spec §2's tables): methods.py.
 """
 import argparse
 import math
@@ -77,7 +77,9 @@ METHOD_DEFAULTS = {m: dict(alpha=1.0) for m in P.PLUGIN}
 RUN_KEYS = ("out", "resume", "rounds")  # flags that do not change the finished rounds (--rounds extends a run)
 
 
-def resolve_config(args) -> dict:
+def resolve_config(args, device_here=True) -> dict:
+    """The run's config (see the module's docstring); ValueError, one line naming the flag, for a value no
+    run can use. device_here=False: a plan for another machine (memory.py), whose --device may be absent."""
     cfg = dict(BASE, **PRESETS["smoke" if args.smoke else args.preset], **METHOD_DEFAULTS.get(args.method, {}))
     cfg.update(scenario=args.scenario, method=args.method, llm=args.llm, slms=args.slms, data=args.data,
                llm_size=args.llm_size)
@@ -105,7 +107,7 @@ def resolve_config(args) -> dict:
     if not 0.0 <= cfg["filter_optimism"] <= 1.0:
         raise ValueError(f"--filter_optimism must be in [0, 1], got {cfg['filter_optimism']}")
     cfg["stop_at_answer_line"] = bool(cfg["llm"])  # checkpoints trained elsewhere may not end a path with EOS
-    check_config(cfg)  # ranges first: a --lora -1 is wrong with or without peft
+    check_config(cfg, device_here)  # ranges first: a --lora -1 is wrong with or without peft
     if cfg["lora"]:  # one line now, not a traceback once the models are loaded
         require_peft()
     return cfg
@@ -134,9 +136,10 @@ MAXIMA = dict(rounds=10**5, pool_size=10**6, budget=10**6, min_budget=10**6, plu
               warm_slm=10**8, warm_batch=2**16, eval_subset=10**7, slm_pretrain=10**7, lora=2**16)
 
 
-def check_config(cfg):
+def check_config(cfg, device_here=True):
     """ValueError (one line naming the flag) for a value no run can use: out of RANGES, not finite,
-    min_budget > budget, min_steps > max_steps, an unknown device, dtype or party set, a path that is a file."""
+    min_budget > budget, min_steps > max_steps, an unknown device (or, device_here, a GPU this machine
+    lacks), dtype or party set, a path that is a file."""
     for k, v in BASE.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):  # switches (e.g. --grad_ckpt) are not numbers
             x, rule = cfg[k], RANGES.get(k, ">= 0")
@@ -155,7 +158,7 @@ def check_config(cfg):
     dev = cfg["device"]
     if not (dev == "cpu" or dev == "cuda" or dev.startswith("cuda:") and dev[5:].isdigit()):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
+    if device_here and dev.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {dev} asks for a GPU, but CUDA is not available here")
     if Path(cfg["cache"]).exists() and not Path(cfg["cache"]).is_dir():
         raise ValueError(f"--cache {cfg['cache']} is a file, not a directory")
@@ -203,7 +206,7 @@ HELP = {
     "min_steps": "fewest reasoning steps of a generated problem", "max_steps": "most reasoning steps",
     "max_value": "size of the numbers in generated problems", "warm_llm": "LLM warm-up steps",
     "warm_slm": "SLM warm-up steps", "warm_batch": "warm-up batch size", "warm_lr": "warm-up learning rate",
-    "parties": "model sizes: gpu | cpu | smoke", "seed": "random seed of the rounds (pools, sampling, filters)",
+    "parties": "model sizes: gpu | cpu | testbed | smoke", "seed": "random seed of the rounds (pools, sampling, filters)",
     "data_seed": "seed of the data splits, initializations and warm-ups (-1 = --seed)", "device": "auto | cpu | cuda",
     "dtype": "auto | fp32 | bf16 (autocast on CUDA; auto = bf16 on CUDA with --llm/--slms checkpoints, else fp32, TF32 on CUDA)",
     "private_only": "comma-separated domains whose solutions only the clients hold (testbed knowledge split)",
@@ -228,13 +231,13 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     p = _Parser(description="LaDa: federated reasoning distillation (spec §2)")
     # what to run
-    p.add_argument("--scenario", default="hetero", choices=list(P.SCENARIOS), help="spec §2's scenarios (protocol.SCENARIOS)")
+    p.add_argument("--scenario", default="hetero", choices=list(P.SCENARIOS), help="spec §2's scenarios (methods.SCENARIOS)")
     p.add_argument("--method", default="lada", choices=list(P.METHODS), help="lada (v2, spec §4'), its ablations "
                    "lada-random, lada-sft, lada-nofilter; baselines local, fedmkt; v1: lada-v1, lada-v1-filter, "
                    "lada-v1-loss, random; fedavg (homo), oracle (the testbed's headroom check)")
-    p.add_argument("--preset", choices=list(PRESETS), help="size preset: default (GPU sizes), cpu, smoke "
-                   "(default: 'default' on a GPU, 'cpu' without one)")
-    p.add_argument("--smoke", action="store_true", help="the smoke preset: whole loop on CPU in about a minute")
+    p.add_argument("--preset", choices=list(PRESETS), help="size preset: default (GPU sizes), cpu, testbed (the study's), "
+                   "smoke (default: 'default' on a GPU, 'cpu' without one)")
+    p.add_argument("--smoke", action="store_true", help="the smoke preset: the whole loop on a CPU, 87 s from a cold cache, 21 s cached")
     p.add_argument("--llm_size", default="large", choices=["large", "mid"], help="LLM of the preset: large or mid-size")
     # real models and data
     p.add_argument("--llm", help="local Hugging Face checkpoint directory of the LLM")

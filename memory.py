@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     args = config.parse_args(argv)
     args.preset = args.preset or ("smoke" if args.smoke else "default")
     try:
-        cfg = config.resolve_config(args)
+        cfg = config.resolve_config(args, device_here=False)  # a plan for --device cuda needs no GPU here
         if not (cfg["llm"] and cfg["slms"]):
             raise ValueError("give --llm DIR and --slms DIR,DIR (checkpoint directories; config.json is enough)")
         dirs = [cfg["llm"]] + cfg["slms"].split(",")

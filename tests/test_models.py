@@ -130,3 +130,24 @@ def test_half_written_cache_entry_is_never_loaded(tmp_path, corpus):
     path = tmp_path / "slm-x"
     models.save_model(model, tok, path)  # model files without info.json: a write cut short
     assert models.load_cached_party(path) is None
+
+
+def test_memory_plans_a_gpu_run_on_a_machine_without_one(tmp_path, corpus, capsys, monkeypatch):
+    """`python memory.py --llm DIR --slms DIR --device cuda` (docs/real-checkpoints.md) prints the plan from
+    config.json alone where no GPU is (exit 0, saying it was not compared with a GPU's memory), while a
+    run asking for a GPU that is not there is still refused in one line."""
+    import federated
+    import memory
+
+    tok = models.build_tokenizer("char", corpus)
+    model = models.build_model(tokenizer=tok, seed=0, **models.ZOO["llama-tiny"])
+    models.save_model(model, tok, tmp_path / "m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    flags = ["--llm", str(tmp_path / "m"), "--slms", str(tmp_path / "m"), "--device", "cuda"]
+    assert memory.main(flags) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("memory plan:") and "(no CUDA device here: the plan is not compared with cuda's memory)" in out
+    llm = next(line.split() for line in out.splitlines() if line.startswith("llm "))
+    assert llm[1] == f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M", llm  # the plan's parameter count
+    assert federated.main(flags + ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip() == "federated.py: error: --device cuda asks for a GPU, but CUDA is not available here"
