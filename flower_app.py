@@ -17,7 +17,7 @@ own name). `flags` are federated.py's flags: the same flags give the same result
 Flower starts a fresh ClientApp process for every message, so a client keeps its state on disk in
 <dir>/<name of --out>/<party>/ (node config `dir`, default the SuperNode's working directory):
 ckpt/ (its last finished round, in federated.py's checkpoint layout), prev/ckpt (the round before,
-kept in case the server redoes a round after a restart) and work.pt (the round in progress).
+kept in case the server redoes a round after a restart) and work.safetensors (the round in progress).
 """
 import fcntl
 import json
@@ -45,12 +45,14 @@ from config import config_from_flags
 from data import DataError
 from distill import autocast
 from models import ModelError
+from store import load_state_file, save_state_file
 
 CLIENT_ERROR = 2  # the code of Flower's own "ClientApp raised an exception" error
 
 # -----------------------------------------------------------------------------
 # Configuration: federated.py's flags, the same on every machine (+ what is local to a node)
 
+WORK = "work.safetensors"  # a client's round in progress, between two of its stages (save_work)
 NODE_FLAGS = ("device", "dtype", "cache")  # may differ per machine: where it computes, where it caches warm-ups
 
 
@@ -107,15 +109,13 @@ def down_filters(party):
 
 def save_work(cdir, party, rnd, rng):
     """The round in progress (between two messages), in one atomic write."""
-    tmp = cdir / "work.pt.tmp"
-    torch.save(dict(round=rnd, model=party.model.state_dict(), opt=party.opt.state_dict(),
-                    filters={k: f.state_dict() for k, f in down_filters(party).items()}, rng=rng.getstate(),
-                    state=party.state), tmp)
-    os.replace(tmp, cdir / "work.pt")
+    save_state_file(dict(round=rnd, model=party.model.state_dict(), opt=party.opt.state_dict(),
+                         filters={k: f.state_dict() for k, f in down_filters(party).items()}, rng=rng.getstate(),
+                         state=party.state), cdir / WORK)
 
 
 def load_work(cdir, party, rnd):
-    w = torch.load(cdir / "work.pt", weights_only=True)  # tensors and plain containers only: nothing unpickled runs code
+    w = load_state_file(cdir / WORK)  # safetensors + JSON: nothing read runs code
     if w["round"] != rnd:
         raise RuntimeError(f"{cdir}: the work in progress is of round {w['round']}, not {rnd}")
     party.model.load_state_dict(w["model"])
@@ -142,7 +142,7 @@ def finish(cfg, party, cdir, rnd, report) -> dict:
     n = party.name
     runs.save_checkpoint(cdir, cfg, rnd, {n: party.model}, {n: party.tok}, {n: party.opt}, down_filters(party),
                          {"party": n, "round": rnd, "report": report})
-    (cdir / "work.pt").unlink(missing_ok=True)
+    (cdir / WORK).unlink(missing_ok=True)
     return report
 
 

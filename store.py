@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
@@ -133,10 +133,9 @@ def remove_stale(path):
                 p.unlink()
 
 
-def save_state(state, path):
-    """A nested state (dicts, lists, tuples, numbers, strings, None, tensors: optimizer and filter
-    state dicts) as PATH.safetensors (the tensors) and PATH.json (everything else, tensors replaced by
-    {"__tensor__": key}). `load_state` builds only these types back: nothing it reads can run code."""
+def _encode(state):
+    """(tree, tensors): a nested state (dicts, lists, tuples, numbers, strings, None, tensors) as a JSON
+    tree whose tensors are replaced by {"__tensor__": key}, and those tensors by key."""
     tensors = {}
 
     def enc(x):
@@ -158,14 +157,63 @@ def save_state(state, path):
             return x
         raise TypeError(f"save_state: cannot store a {type(x).__name__}")
 
-    path = Path(path)
-    tree = enc(state)
-    save_file(tensors, str(path.with_suffix(".safetensors")))
-    path.with_suffix(".json").write_text(json.dumps(tree))
+    return enc(state), tensors
 
 
 class StateError(ValueError):
     """A state file that is not what `save_state` writes (damaged, or crafted)."""
+
+
+def _decode(tree, tensors, where: str, sf: str):
+    """The state `_encode` took apart; StateError naming `where` (the tree's file) if it is anything else."""
+    def dec(x):
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict):
+            if set(x) == {"__tensor__"}:
+                if x["__tensor__"] not in tensors:
+                    raise StateError(f"{where}: refers to tensor {x['__tensor__']!r}, absent from {sf}")
+                return tensors[x["__tensor__"]]
+            if set(x) == {"__tuple__"} and isinstance(x["__tuple__"], list):
+                return tuple(dec(v) for v in x["__tuple__"])
+            if set(x) == {"__dict__"} and isinstance(x["__dict__"], list):
+                pairs = x["__dict__"]
+                if not all(isinstance(p, list) and len(p) == 2 and not isinstance(p[0], (list, dict)) for p in pairs):
+                    raise StateError(f"{where}: malformed key-value list")
+                return {k: dec(v) for k, v in pairs}
+            if any(k.startswith("__") for k in x):
+                raise StateError(f"{where}: unknown entry {sorted(x)[0]!r}")
+            return {k: dec(v) for k, v in x.items()}
+        return x
+
+    try:
+        return dec(tree)
+    except RecursionError:
+        raise StateError(f"{where}: nested too deeply") from None
+
+
+def _load_tensors(sf: Path):
+    try:
+        return load_file(str(sf))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise StateError(f"{sf}: not a safetensors file ({str(e).splitlines()[0][:100]})") from None
+
+
+def _parse_tree(text: str, where):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise StateError(f"{where}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
+
+
+def save_state(state, path):
+    """A nested state (dicts, lists, tuples, numbers, strings, None, tensors: optimizer and filter
+    state dicts) as PATH.safetensors (the tensors) and PATH.json (everything else, tensors replaced by
+    {"__tensor__": key}). `load_state` builds only these types back: nothing it reads can run code."""
+    path = Path(path)
+    tree, tensors = _encode(state)
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps(tree))
 
 
 def load_state(path):
@@ -175,39 +223,34 @@ def load_state(path):
     for f in (js, sf):
         if not f.is_file():
             raise StateError(f"{f}: missing")
+    tree = _parse_tree(js.read_text(encoding="utf-8"), js)
+    return _decode(tree, _load_tensors(sf), js, sf.name)
+
+
+def save_state_file(state, path):
+    """The same state in one safetensors file, the JSON tree in its header's metadata, written beside
+    `path` and put in place by one rename: a reader finds the old state or the new one, whole."""
+    path = Path(path)
+    tree, tensors = _encode(state)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(tree)})
+    os.replace(tmp, path)
+
+
+def load_state_file(path):
+    """The state `save_state_file` wrote; StateError if the file is anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"{path}: missing")
+    tensors = _load_tensors(path)
     try:
-        tree = json.loads(js.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise StateError(f"{js}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
-    try:
-        tensors = load_file(str(sf))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StateError(f"{sf}: not a safetensors file ({str(e).splitlines()[0][:100]})") from None
-
-    def dec(x):
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        if isinstance(x, dict):
-            if set(x) == {"__tensor__"}:
-                if x["__tensor__"] not in tensors:
-                    raise StateError(f"{js}: refers to tensor {x['__tensor__']!r}, absent from {sf.name}")
-                return tensors[x["__tensor__"]]
-            if set(x) == {"__tuple__"} and isinstance(x["__tuple__"], list):
-                return tuple(dec(v) for v in x["__tuple__"])
-            if set(x) == {"__dict__"} and isinstance(x["__dict__"], list):
-                pairs = x["__dict__"]
-                if not all(isinstance(p, list) and len(p) == 2 and not isinstance(p[0], (list, dict)) for p in pairs):
-                    raise StateError(f"{js}: malformed key-value list")
-                return {k: dec(v) for k, v in pairs}
-            if any(k.startswith("__") for k in x):
-                raise StateError(f"{js}: unknown entry {sorted(x)[0]!r}")
-            return {k: dec(v) for k, v in x.items()}
-        return x
-
-    try:
-        return dec(tree)
-    except RecursionError:
-        raise StateError(f"{js}: nested too deeply") from None
+        raise StateError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:100]})") from None
+    if "state" not in meta:
+        raise StateError(f"{path}: no state in its metadata")
+    return _decode(_parse_tree(meta["state"], path), tensors, path, path.name)
 
 
 # -----------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def test_server_resumes_after_round_1(fed, after_round_1):
 
 def test_killed_client_is_skipped_and_the_run_finishes(fed, after_round_1):
     out = copy_run(fed, after_round_1, "killed")
-    work = fed.clients(out) / "slm2" / "work.pt"  # written once slm2 has answered round 2's pool
+    work = fed.clients(out) / "slm2" / "work.safetensors"  # written once slm2 has answered round 2's pool
     node = fed.procs["slm2"]
     t_end = time.time() + RUN_TIMEOUT
 

@@ -149,9 +149,13 @@ def test_warm_up_cache_entry_with_a_pickle_is_refused(reference, tmp_path, capfd
     assert not (tmp_path / "marker").exists()
 
 
-def test_state_round_trip_is_exact(tmp_path):
-    """save_state/load_state against the objects themselves: an AdamW state (int keys, 0-d step
-    tensors, tuples), a filter state (RNG bytes, float64 statistics), NaN and None."""
+@pytest.mark.parametrize("one_file", [False, True], ids=["json+safetensors", "one safetensors file"])
+def test_state_round_trip_is_exact(tmp_path, one_file):
+    """save_state/load_state (checkpoints) and save_state_file/load_state_file (a Flower client's round in
+    progress) against the objects themselves: an AdamW state (int keys, 0-d step tensors, tuples), a
+    filter state (RNG bytes, float64 statistics), Python's RNG state, NaN and None."""
+    import random
+
     from filter import LearnabilityFilter
 
     net = torch.nn.Linear(3, 2)
@@ -161,9 +165,15 @@ def test_state_round_trip_is_exact(tmp_path):
     f = LearnabilityFilter(4, 2, budget=3, min_budget=1, seed=5, optimism=0.6)
     f.select(torch.randn(10, 4), torch.randn(10, 2))
     f.update(torch.randn(3, 4), torch.randn(3, 2), torch.rand(3))
-    state = {"opt": opt.state_dict(), "filter": f.state_dict(), "x": [1, 2.5, None, float("nan"), "s", (1, "t")]}
-    store.save_state(state, tmp_path / "st")
-    got = store.load_state(tmp_path / "st")
+    state = {"opt": opt.state_dict(), "filter": f.state_dict(), "x": [1, 2.5, None, float("nan"), "s", (1, "t")],
+             "rng": random.Random(7).getstate()}
+    if one_file:
+        store.save_state_file(state, tmp_path / "st.safetensors")
+        got = store.load_state_file(tmp_path / "st.safetensors")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["st.safetensors"]  # one file, no temporary left
+    else:
+        store.save_state(state, tmp_path / "st")
+        got = store.load_state(tmp_path / "st")
 
     def same(a, b):
         assert type(a) is type(b) or isinstance(a, dict) and type(b) is dict, (type(a), type(b))  # OrderedDict -> dict
@@ -182,6 +192,28 @@ def test_state_round_trip_is_exact(tmp_path):
     g.load_state_dict(got["filter"])
     x, e = torch.randn(12, 4), torch.randn(12, 2)
     assert f.select(x, e).tolist() == g.select(x, e).tolist()  # continues identically (same RNG, nets, stats)
+    r, ref = random.Random(), random.Random(7)
+    r.setstate(got["rng"])
+    assert [r.random() for _ in range(3)] == [ref.random() for _ in range(3)]
+
+
+def test_a_state_file_that_is_not_one_is_refused_in_one_line(tmp_path):
+    """load_state_file reads safetensors and JSON only: a pickle under its name, a safetensors file without
+    a state, and a state naming a tensor the file lacks are each a StateError naming the file."""
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "work.safetensors"
+    torch.save({"x": torch.ones(2)}, bad)  # a pickle
+    with pytest.raises(store.StateError, match="work.safetensors: not a safetensors file"):
+        store.load_state_file(bad)
+    save_file({"0": torch.ones(2)}, str(bad))
+    with pytest.raises(store.StateError, match="work.safetensors: no state in its metadata"):
+        store.load_state_file(bad)
+    save_file({"0": torch.ones(2)}, str(bad), metadata={"state": '{"w": {"__tensor__": "1"}}'})
+    with pytest.raises(store.StateError, match="refers to tensor '1', absent from work.safetensors"):
+        store.load_state_file(bad)
+    with pytest.raises(store.StateError, match="missing"):
+        store.load_state_file(tmp_path / "none.safetensors")
 
 
 # -----------------------------------------------------------------------------
