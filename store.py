@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
 # Save / load: safetensors and JSON only, nothing pickled (a pickle runs code when loaded). A directory
@@ -192,9 +192,11 @@ def _decode(tree, tensors, where: str, sf: str):
         raise StateError(f"{where}: nested too deeply") from None
 
 
-def _load_tensors(sf: Path):
+def _read_safetensors(sf: Path):
+    """(tensors, header metadata) of a safetensors file, in one read; StateError if it is not one."""
     try:
-        return load_file(str(sf))
+        with safe_open(str(sf), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise StateError(f"{sf}: not a safetensors file ({str(e).splitlines()[0][:100]})") from None
 
@@ -224,7 +226,7 @@ def load_state(path):
         if not f.is_file():
             raise StateError(f"{f}: missing")
     tree = _parse_tree(js.read_text(encoding="utf-8"), js)
-    return _decode(tree, _load_tensors(sf), js, sf.name)
+    return _decode(tree, _read_safetensors(sf)[0], js, sf.name)
 
 
 def save_state_file(state, path):
@@ -242,12 +244,7 @@ def load_state_file(path):
     path = Path(path)
     if not path.is_file():
         raise StateError(f"{path}: missing")
-    tensors = _load_tensors(path)
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise StateError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:100]})") from None
+    tensors, meta = _read_safetensors(path)
     if "state" not in meta:
         raise StateError(f"{path}: no state in its metadata")
     return _decode(_parse_tree(meta["state"], path), tensors, path, path.name)

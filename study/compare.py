@@ -136,8 +136,11 @@ def supersede_random_of_other_counts(folder: Path, seed: int) -> Path | None:
     its counts, the two no longer match: the random run moves to superseded/counts/ and the grid runs it
     again. Returns the moved file, if any."""
     lada, moved = folder / f"lada-s{seed}.json", None
+    if not lada.exists():
+        return None
+    theirs = json.loads(lada.read_text())
     for rand in (folder / f"random-s{seed}.json", folder / f"lada-random-s{seed}.json"):
-        if lada.exists() and rand.exists() and not took_counts(json.loads(rand.read_text()), json.loads(lada.read_text())):
+        if rand.exists() and not took_counts(json.loads(rand.read_text()), theirs):
             moved = supersede(rand, "counts", f"took other counts than {lada.name}")
     return moved
 
