@@ -64,7 +64,6 @@ V1 = {"lada": "lada-v1", "lada-filter": "lada-v1-filter", "lada-loss": "lada-v1-
 V2_GAMMAS, V2_SEEDS = (0.1, 0.3, 1.0), (6, 7, 8)
 V2_METHODS = ("local", "fedmkt", "lada", "lada-random", "lada-sft")  # lada before lada-random (its counts)
 V2_FLAGS = ["--local_lr_scale", "0.3", "--distill_lr_scale", "1.0"]
-STUDY_V2 = ROOT / "docs" / "study-v2.md"
 
 
 # -----------------------------------------------------------------------------
@@ -659,26 +658,27 @@ def write_v2_tables(res_dir: Path, md: str):
     (res_dir / "v2").mkdir(parents=True, exist_ok=True)
     (res_dir / "v2" / "tables.md").write_text(md + "\n")
     begin, end = "<!-- tables:v2:begin -->", "<!-- tables:v2:end -->"
-    text = STUDY_V2.read_text() if STUDY_V2.exists() else ""
+    study = ROOT / "docs" / "study-v2.md"  # ROOT at call time: a test's ROOT, not this checkout's
+    text = study.read_text() if study.exists() else ""
     if RESULTS is None and begin in text and end in text:
         head, rest = text.split(begin, 1)
-        STUDY_V2.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
+        study.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
 
 
-def plot(res_dir: Path, scenario="hetero"):
+def plot(res_dir: Path, scenario="hetero", methods=ORDER, sub=""):
     """SLM mean and LLM accuracy per round, mean over seeds (rounds before the last on the first
-    eval_subset problems)."""
+    eval_subset problems), of results/<preset>/<sub><scenario>/ into accuracy_<scenario>.png beside it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    if not any(runs_of(res_dir, scenario, m) for m in ORDER):
+    if not any(runs_of(res_dir, sub + scenario, m) for m in methods):
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for m in ORDER:
-        rs = list(runs_of(res_dir, scenario, m).values())
+    for m in methods:
+        rs = list(runs_of(res_dir, sub + scenario, m).values())
         if not rs:
             continue
         curves = [[r["initial"]] + [x["accuracy"] for x in r["rounds"]] for r in rs]
@@ -686,14 +686,14 @@ def plot(res_dir: Path, scenario="hetero"):
         for ax, pick in zip(axes, (lambda a: np.mean([v for k, v in a.items() if not k.startswith("llm")]),
                                    lambda a: a["llm"], lambda a: a.get("llm-private", np.nan))):
             ax.plot(range(n), [100 * np.mean([pick(c[i]) for c in curves]) for i in range(n)], marker="o", label=m,
-                    color=f"C{ORDER.index(m)}")  # one colour per method in every figure
+                    color=f"C{methods.index(m)}")  # one colour per method in every figure of a study
             ax.set_xticks(range(n))
-    name = "follow-up (hetero, tuned lr)" if scenario == "followup" else scenario
+    name = "follow-up (hetero, tuned lr)" if scenario == "followup" else f"v2, {scenario}" if sub else scenario
     for ax, t in zip(axes, ("SLMs (mean of own tests)", "LLM (public test)", "LLM (private-only domain)")):  # llm2slm: LLM frozen
         ax.set(xlabel="round", ylabel="accuracy (%)", title=f"{name}: {t}")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    path = res_dir / f"accuracy_{scenario}.png"
+    path = res_dir / sub / f"accuracy_{scenario}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -869,6 +869,8 @@ def main(argv=None):
         if args.worker:
             return 0
     write_v2_tables(res_dir, v2_tables(res_dir))
+    for scen in SCENARIOS:  # v2's figures, one per scenario with test runs
+        plot(res_dir, scen, list(V2_METHODS), "v2/")
     md = tables(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "tables.md").write_text(md + "\n")

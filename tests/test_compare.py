@@ -164,9 +164,18 @@ def test_tables_draw_one_figure_per_scenario_with_runs(tmp_path, monkeypatch):
         for m, k in (("local", 5), ("lada", 9)):
             _write(res / scen, f"{m}-s0", _result({"llm": _bits(k, 20), "slm1": _bits(k, 20)}))
     (tmp_path / "README.md").write_text("# x\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "study-v2.md").write_text("v2\n<!-- tables:v2:begin -->\n<!-- tables:v2:end -->\n")
     monkeypatch.setattr(compare, "ROOT", tmp_path)
     assert compare.main(["--tables"]) == 0
     assert sorted(p.name for p in res.glob("accuracy_*.png")) == ["accuracy_followup.png", "accuracy_hetero.png", "accuracy_homo.png"]
+    assert not (res / "v2").exists()  # no v2 run, no v2 figure
+    for m, k in (("fedmkt", 7), ("lada-sft", 8)):  # v2's figure: its own methods, beside its runs
+        _write(res / "v2" / "hetero", f"{m}-s6", _result({"llm": _bits(k, 20), "slm1": _bits(k, 20)}))
+    assert compare.main(["--tables"]) == 0
+    assert sorted(p.name for p in (res / "v2").glob("accuracy_*.png")) == ["accuracy_hetero.png"]
+    study = (tmp_path / "docs" / "study-v2.md").read_text()  # the tables go into the test's study, not this checkout's
+    assert "| fedmkt | 35.0 |" in study and "| lada-sft | 40.0 |" in study
 
 
 def test_followup_waits_for_its_tuning_and_runs_each_method_at_its_chosen_scale(tmp_path, monkeypatch, capsys):
