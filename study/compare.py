@@ -651,14 +651,13 @@ def v2_hypotheses(runs, scen) -> list[str]:
     return md
 
 
-def write_v2_tables(res_dir: Path, md: str):
-    """v2's tables into results/<preset>/v2/tables.md and between docs/study-v2.md's markers."""
-    if not md:
-        return
-    (res_dir / "v2").mkdir(parents=True, exist_ok=True)
-    (res_dir / "v2" / "tables.md").write_text(md + "\n")
-    begin, end = "<!-- tables:v2:begin -->", "<!-- tables:v2:end -->"
-    study = ROOT / "docs" / "study-v2.md"  # ROOT at call time: a test's ROOT, not this checkout's
+def write_tables(folder: Path, doc: str, tag: str, md: str):
+    """Tables into <folder>/tables.md and between docs/<doc>'s `tables:<tag>` markers (results/ only:
+    not with --results). ROOT is read at call time, so a test's ROOT is the one written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tables.md").write_text(md + "\n")
+    study = ROOT / "docs" / doc
+    begin, end = f"<!-- tables:{tag}:begin -->", f"<!-- tables:{tag}:end -->"
     text = study.read_text() if study.exists() else ""
     if RESULTS is None and begin in text and end in text:
         head, rest = text.split(begin, 1)
@@ -868,20 +867,15 @@ def main(argv=None):
             return 1
         if args.worker:
             return 0
-    write_v2_tables(res_dir, v2_tables(res_dir))
+    md_v2 = v2_tables(res_dir)
+    if md_v2:
+        write_tables(res_dir / "v2", "study-v2.md", "v2", md_v2)
     for scen in SCENARIOS:  # v2's figures, one per scenario with test runs
-        plot(res_dir, scen, list(V2_METHODS), "v2/")
+        plot(res_dir, scen, V2_METHODS, "v2/")
     md = tables(res_dir)
-    res_dir.mkdir(parents=True, exist_ok=True)
-    (res_dir / "tables.md").write_text(md + "\n")
+    write_tables(res_dir, "study.md", PRESET, md)
     for scen in tuple(SCENARIOS) + ("followup",):  # one figure per scenario (and the follow-up) with runs
         plot(res_dir, scen)
-    study = ROOT / "docs" / "study.md"  # the tables also go between the study document's markers (results/ only)
-    begin, end = f"<!-- tables:{PRESET}:begin -->", f"<!-- tables:{PRESET}:end -->"
-    text = study.read_text() if study.exists() else ""
-    if RESULTS is None and begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        study.write_text(head + begin + "\n" + md + "\n" + end + rest.split(end, 1)[1])
     print(md)
     return 0
 
